@@ -1,0 +1,45 @@
+"""Exact measurements on the toy world, shared by the end-to-end tests."""
+
+import os
+import sys
+
+import numpy as np
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(ROOT, "toy_world")
+sys.path.insert(0, TOY)
+import world  # noqa: E402
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def exact_logprobs(path) -> dict[str, np.ndarray]:
+    """log pi(y|x) over Y + BOTTOM for every toy prompt, by enumeration."""
+    model, tok = load(path)
+    return {p: world.response_logprobs(model, tok, p) for p in world.PROMPTS}
+
+
+def kl_to_optimum(policy: dict, ref: dict, beta: float) -> float:
+    """KL(pi || pi_ref exp(r/beta)/Z), averaged over the toy prompts."""
+    return float(np.mean([world.kl(policy[p], world.optimum_logprobs(ref[p], world.reward_vector(p), beta)) for p in world.PROMPTS]))
+
+
+def expected_reward(policy: dict) -> float:
+    return float(np.mean([world.summarize(policy[p], world.reward_vector(p))["expected_reward"] for p in world.PROMPTS]))
+
+
+def on_answers(logp: np.ndarray) -> np.ndarray:
+    """Condition on Y (drop BOTTOM and renormalise)."""
+    return logp[:-1] - np.logaddexp.reduce(logp[:-1])
+
+
+def kl_to_optimum_on_answers(policy: dict, ref: dict, beta: float) -> float:
+    """KL(pi(.|Y) || pi*(.|Y)), averaged over prompts: what DPO pins down when the data live in Y."""
+    return float(np.mean([world.kl(on_answers(policy[p]), world.optimum_logprobs(on_answers(ref[p]), world.reward_vector(p)[:-1], beta)) for p in world.PROMPTS]))
+
+
+def bottom_mass(policy: dict) -> float:
+    return float(np.mean([np.exp(policy[p][-1]) for p in world.PROMPTS]))
