@@ -23,8 +23,9 @@ Conventions and deviations
   the sequence is exactly what the tokenizer makes of prompt + response.
 - Too-long rows: the prompt keeps its end (`--max_prompt_length`), then the
   responses keep their start (`--max_length`). Pairs that become identical
-  after truncation, have an empty prompt or response, or whose chosen equals
-  rejected are skipped, counted and reported.
+  after truncation, have an empty prompt, or whose chosen equals rejected are
+  skipped, counted and reported. An empty response is kept and scored as its
+  `<eos>` alone, in every format (a chat template already renders it so).
 
 Usage
     python dpo.py                                    # the embedded toy world, any CPU, about a minute
@@ -85,7 +86,7 @@ class Args:
     eval_split: str = "test"
     """held-out split; if the dataset has none, `eval_holdout` rows of the train split are held out"""
     eval_holdout: int = 512
-    """rows held out from the train split when the dataset has no `eval_split`"""
+    """rows held out from the train split when the dataset has no `eval_split` (0: no evaluation)"""
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
@@ -98,7 +99,7 @@ class Args:
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
     num_train_epochs: int = 3
     """passes over the training pairs"""
@@ -197,6 +198,9 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
         raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
     if eval_split in data:
         return data[train_split], data[eval_split]
+    if holdout == 0:
+        print(f"no {eval_split!r} split in {name!r} and eval_holdout=0: no evaluation")
+        return data[train_split], None
     print(f"no {eval_split!r} split in {name!r}: holding out {holdout} rows of {train_split!r} for evaluation")
     parts = data[train_split].train_test_split(test_size=holdout, seed=seed)
     return parts["train"], parts["test"]
@@ -226,7 +230,7 @@ def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str,
             raise ValueError(f"row {index}: column {col!r} should be {kind} like 'chosen', got {type(value).__name__}: {str(value)[:80]!r}\n{FORMATS}")
     if prompt is None:  # implicit prompt: the shared prefix of chosen and rejected
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
-    if not prompt or not chosen or not rejected:
+    if not prompt or (chat and not (chosen and rejected)):  # an empty text answer is kept: it is scored as its <eos>
         return None
     if not chat:
         return prompt, chosen, rejected, False
@@ -268,14 +272,14 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
         n += 1
     response_ids = full_ids[n:]
-    if response_ids and response_ids[-1] != tokenizer.eos_token_id:
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # an empty answer is its <eos> alone
         response_ids = response_ids + [tokenizer.eos_token_id]
     return full_ids[:n], response_ids
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
     """Tokenize every pair; skipped rows are counted by reason and reported, never dropped silently."""
-    rows, skipped, truncated = [], Counter(), 0
+    rows, skipped, truncated, empty = [], Counter(), 0, 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
         texts = row_texts(row, i, tokenizer)
         if texts is not None and texts[1] == texts[2]:
@@ -284,7 +288,7 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, 
         if texts is not None:
             prompt, chosen, rejected, templated = texts
             (pc, c), (pr, r) = (tokenize_response(tokenizer, prompt, x, templated) for x in (chosen, rejected))
-        if texts is None or not (pc and pr and c and r) or not (chosen.strip() and rejected.strip()):
+        if texts is None or not (pc and pr):
             skipped["empty prompt or response"] += 1
             continue
         if max(len(pc) + len(c), len(pr) + len(r)) > max_length:
@@ -292,12 +296,14 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, 
             # keep the end of the prompt (the question next to the answer), then the start of each response
             pc, pr = pc[-max_prompt_length:], pr[-max_prompt_length:]
             c, r = c[: max_length - len(pc)], r[: max_length - len(pr)]
-            if pc + c == pr + r:
-                skipped["identical after truncation"] += 1
-                continue
+        if pc + c == pr + r:  # different texts, same tokens (after truncation, or "a  b" vs "a b"): no preference left
+            skipped["identical once tokenized or truncated"] += 1
+            continue
+        empty += (c == [tokenizer.eos_token_id]) + (r == [tokenizer.eos_token_id])
         rows.append({"chosen": pc + c, "chosen_start": len(pc), "rejected": pr + r, "rejected_start": len(pr), "index": len(rows)})
     report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
-    print(f"{desc}: {len(rows)} pairs kept of {len(dataset)}; {truncated} truncated to {max_length} tokens; skipped: {report}")
+    print(f"{desc}: {len(rows)} pairs kept of {len(dataset)} ({empty} empty responses scored as <eos> alone); "
+          f"{truncated} truncated to {max_length} tokens; skipped: {report}")
     if not rows:
         raise ValueError(f"no usable pairs in the {desc} split")
     return rows
@@ -347,8 +353,13 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
     mask = targets != -100  # (N, T)
     logits = model.get_output_embeddings()(hidden[mask]).float()  # (M, V), M = response tokens in the batch
-    if getattr(model.config, "final_logit_softcapping", None):  # Gemma 2/3
-        cap = model.config.final_logit_softcapping
+    config = model.config.get_text_config()  # what each model's forward does to its logits after the LM head:
+    if getattr(config, "logits_scaling", None):  # Granite divides them
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):  # Cohere multiplies them
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
+        cap = config.final_logit_softcapping
         logits = torch.tanh(logits / cap) * cap
     token_logps = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
     row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
@@ -436,8 +447,8 @@ def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) 
 
 
 def train(args: Args) -> dict:
-    if args.max_prompt_length >= args.max_length:
-        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be below max_length ({args.max_length}) to leave room for a response")
+    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
+        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
     seed_everything(args.seed)
     device = pick_device(args.device)
     use_bf16 = args.bf16 and device.type == "cuda"
@@ -452,19 +463,27 @@ def train(args: Args) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            policy.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
     ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.bfloat16 if use_bf16 else torch.float32).to(device)
     ref_model.eval().requires_grad_(False)
 
     # ---- data
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
-    for d in (train_data, eval_data):
-        check_columns(d, args.dataset_name)
+    check_columns(train_data, args.dataset_name)
     train_rows = tokenize_pairs(train_data, tokenizer, args.max_length, args.max_prompt_length, "train")
-    eval_rows = tokenize_pairs(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
+    eval_rows = []
+    if eval_data is not None:
+        check_columns(eval_data, args.dataset_name)
+        eval_rows = tokenize_pairs(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
     batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    if batches_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError(f"{len(train_rows)} training pairs make {batches_per_epoch} micro-batches of {args.per_device_train_batch_size}, "
+                         f"fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
 
     # ---- reference log-probs, once, if asked (a resumed run reads them from its checkpoint)
@@ -567,7 +586,7 @@ def train(args: Args) -> dict:
         metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
                         "perf/tokens_per_sec": tokens / (time.perf_counter() - t0)})
         done = step + 1
-        if (args.eval_steps and done % args.eval_steps == 0) or done == total_steps:
+        if eval_rows and ((args.eval_steps and done % args.eval_steps == 0) or done == total_steps):
             metrics.update(evaluate())
         progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
         if done % args.logging_steps == 0 or done == total_steps:

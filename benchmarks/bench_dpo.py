@@ -1,7 +1,7 @@
 """CPU throughput benchmark: dpo.py vs TRL's DPOTrainer on the same tiny Llama and synthetic pairs.
 
-Everything is built offline and deterministically into --work-dir: a random-init LlamaForCausalLM (~35M params,
-untied), a WordLevel tokenizer over synthetic words "w0".."w31990" (n words == n tokens, so lengths are exact) and a
+Everything is built offline and deterministically into --work-dir: a random-init LlamaForCausalLM (~23M params,
+untied), a WordLevel tokenizer over synthetic words "w0".."w15996" (n words == n tokens, so lengths are exact) and a
 JSONL of preference pairs in the standard format {prompt, chosen, rejected} (plain strings; responses start with a
 space so that `prompt + chosen` tokenizes as the concatenation). Each implementation then trains one epoch (fp32,
 batch 8 pairs, beta 0.1, reference log-probs precomputed) in a FRESH subprocess, so peak RSS is per run.
@@ -45,6 +45,7 @@ from typing import Literal
 import tyro
 
 REPO = Path(__file__).resolve().parents[1]
+VOCAB = 16000  # 16k words: 6.1M embedding + 6.1M LM head + 10.6M in the layers = 22.9M parameters
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ def build_assets(cfg: Config) -> dict:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    n_words = 31991
+    n_words = 15997
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i + 3 for i in range(n_words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -88,7 +89,7 @@ def build_assets(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+        vocab_size=VOCAB, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
         intermediate_size=1024, max_position_embeddings=1024, tie_word_embeddings=False,
         pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )
@@ -191,9 +192,10 @@ def run_ours(cfg: Config, paths: dict) -> dict:
 
     args = dpo.Args(
         model_name_or_path=paths["model"], dataset_name=paths["data"], beta=cfg.beta,
-        max_length=cfg.max_length, max_prompt_length=cfg.max_length,
-        batch_size=cfg.batch_size, gradient_accumulation_steps=1, learning_rate=cfg.learning_rate,
-        num_train_epochs=1, precompute_ref_logps=True, gradient_checkpointing=False,
+        max_length=cfg.max_length, max_prompt_length=cfg.max_length - 1, eval_holdout=0,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1, learning_rate=cfg.learning_rate, warmup_ratio=0.0,
+        num_train_epochs=1, precompute_ref_logps=True, gradient_checkpointing=False, logging_steps=1000,
         eval_steps=0, save_steps=0, output_dir=str(cfg.work_dir / "ours_out"), seed=cfg.seed, device="cpu",
     )
     t0 = time.perf_counter()
@@ -207,7 +209,7 @@ def child(cfg: Config) -> None:
 
     torch.set_num_threads(cfg.threads)
     paths = {"model": str(cfg.work_dir / "model"), "data": str(cfg.work_dir / "pairs.jsonl")}
-    log = ShapeLog(vocab=32000)
+    log = ShapeLog(vocab=VOCAB)
     res = (run_trl if cfg.child == "trl" else run_ours)(cfg, paths)
     res |= {"shapes": log.s, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch": torch.__version__, "transformers": transformers.__version__}
@@ -232,7 +234,7 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
 
 def flops(shapes: dict, stats: dict, head_train_mult: int) -> tuple[float, float]:
     """(actual, useful) FLOPs of one epoch plus the reference pass; see the module docstring."""
-    L, H, V = 6, 384, 32000
+    L, H, V = 6, 384, VOCAB
     N = L * (4 * H * H + 3 * H * 1024 + 2 * H) + H  # attention + MLP + 2 RMSNorms per layer, final norm
     useful = 4 * (2 * N * stats["tokens"] + 4 * L * H * stats["attn_causal"] + 2 * V * H * stats["resp_pos"])
     actual = 0.0

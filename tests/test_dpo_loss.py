@@ -6,14 +6,11 @@ Notation: h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)], z = b
 Expected numbers are computed here with the `math` module only (never torch.nn.functional / dpo_loss).
 """
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpo import dpo_loss  # noqa: E402
+from dpo import dpo_loss
 
 # (policy_chosen, policy_rejected, ref_chosen, ref_rejected): dyadic numbers, exact in float32 and float64,
 # so h is exact in both dtypes and the only rounding is inside the loss itself.

@@ -19,14 +19,11 @@ f_i - f_j, so the minimiser is a mu-weighted compromise; see the cDPO tests.
 """
 import contextlib
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpo import dpo_loss  # noqa: E402
+from dpo import dpo_loss
 
 N_PROMPTS, N_RESPONSES, SEED = 3, 6, 0
 BETAS = [0.1, 0.5, 2.0]

@@ -5,7 +5,7 @@
 Steps:
 1. A word-level tokenizer built offline with `tokenizers` (19 tokens), with a
    chat template, saved as an ordinary HF tokenizer.
-2. A tiny Llama (2 layers, width 64, ~70k parameters), distilled as the
+2. A tiny Llama (3 layers, width 128, ~0.5M parameters), distilled as the
    SFT/reference policy from an explicit answer distribution
    (`world.reference_target_next`) by minimising the exact cross-entropy over
    every answer prefix, so it puts mass on every answer in Y.
@@ -42,7 +42,6 @@ SEED = 0
 N_TRAIN_PAIRS, N_TEST_PAIRS = 8192, 512
 N_TRAIN_RANKED, N_TEST_RANKED = 2048, 256
 N_TRAIN_SFT, N_TEST_SFT = 2048, 256
-LIMIT_WEIGHT = 20.0
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -59,7 +58,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_model(tokenizer) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )
@@ -105,19 +104,13 @@ def train_reference(model, tokenizer, rng: np.random.Generator, steps: int = 800
         labels = torch.cat([torch.full((batch_size, n), -100), answers[answer_rows]], dim=1)
         ids = torch.cat([bases[prompt_rows], answers[answer_rows].clamp(min=tokenizer.pad_token_id)], dim=1)
         logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
-        token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none")
-        # The four-word limit is a rule of this world, not a preference: weight its target (<|end|> after four
-        # words, deterministic) so the reference holds it firmly and fine-tuning cannot easily push mass past it.
-        weight = torch.ones_like(token_loss)
-        weight[(torch.arange(width - 1) == n + world.MAX_WORDS - 1).repeat(batch_size)] = LIMIT_WEIGHT
-        mask = labels[:, 1:].flatten() != -100
-        loss = (token_loss * weight)[mask].sum() / weight[mask].sum()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 200 == 0 or step == steps - 1:
-            print(f"reference SFT step {step}: weighted token cross-entropy {loss.item():.4f}")
+            print(f"reference SFT step {step}: token cross-entropy {loss.item():.4f}")
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
