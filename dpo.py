@@ -282,13 +282,15 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, 
     rows, skipped, truncated, empty = [], Counter(), 0, 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
         texts = row_texts(row, i, tokenizer)
-        if texts is not None and texts[1] == texts[2]:
+        if texts is None:
+            skipped["empty prompt or response"] += 1
+            continue
+        prompt, chosen, rejected, templated = texts
+        if chosen == rejected:
             skipped["chosen equals rejected"] += 1
             continue
-        if texts is not None:
-            prompt, chosen, rejected, templated = texts
-            (pc, c), (pr, r) = (tokenize_response(tokenizer, prompt, x, templated) for x in (chosen, rejected))
-        if texts is None or not (pc and pr):
+        (pc, c), (pr, r) = (tokenize_response(tokenizer, prompt, x, templated) for x in (chosen, rejected))
+        if not (pc and pr):  # the whole prompt merged into the response: nothing to condition on
             skipped["empty prompt or response"] += 1
             continue
         if max(len(pc) + len(c), len(pr) + len(r)) > max_length:
@@ -468,8 +470,13 @@ def train(args: Args) -> dict:
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
-    ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.bfloat16 if use_bf16 else torch.float32).to(device)
-    ref_model.eval().requires_grad_(False)
+    state = torch.load(os.path.join(policy_path, "training_state.pt"), weights_only=False) if args.resume_from else None
+    saved_ref_logps = state.get("ref_logps") if state is not None else None  # a resumed run's, if it precomputed them
+    ref_model = None
+    if not (args.precompute_ref_logps and saved_ref_logps is not None):
+        # the policy's dtype and autocast, so that h = 0 exactly at step 0
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(device)
+        ref_model.eval().requires_grad_(False)
 
     # ---- data
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
@@ -486,20 +493,18 @@ def train(args: Args) -> dict:
     steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
 
-    # ---- reference log-probs, once, if asked (a resumed run reads them from its checkpoint)
-    state = torch.load(os.path.join(policy_path, "training_state.pt"), weights_only=False) if args.resume_from else None
+    # ---- reference log-probs, once, if asked (a resumed run reads them from its checkpoint), then free the reference
     ref_logps = None
     if args.precompute_ref_logps:
-        if state is not None and "ref_logps" in state:
-            ref_logps = state["ref_logps"]
+        if saved_ref_logps is not None:
+            ref_logps = saved_ref_logps
         else:
             ref_logps = {name: precompute_ref_logps(ref_model, rows, args.per_device_eval_batch_size, pad_id, device, autocast, name)
                          for name, rows in (("train", train_rows), ("eval", eval_rows))}
-        del ref_model
-        ref_model = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            ref_model = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def ref_pair_logps(batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if ref_logps is not None:

@@ -51,7 +51,7 @@ VOCAB = 16000  # 16k words: 6.1M embedding + 6.1M LM head + 10.6M in the layers 
 @dataclasses.dataclass
 class Config:
     impl: Literal["both", "trl", "ours"] = "both"
-    work_dir: Path = Path("/tmp/dpo_bench")
+    work_dir: Path = Path("/tmp/dpo_bench_23m")
     num_pairs: int = 160
     threads: int = 2  # torch intra-op threads, used for the runs and for the matmul peak
     seed: int = 0
@@ -70,7 +70,7 @@ class Config:
 # ---------------------------------------------------------------- assets
 def build_assets(cfg: Config) -> dict:
     """Model + tokenizer in work_dir/model, pairs in work_dir/pairs.jsonl. Rebuilt only if the recipe changed."""
-    meta = {"num_pairs": cfg.num_pairs, "seed": cfg.seed, "version": 1}
+    meta = {"num_pairs": cfg.num_pairs, "seed": cfg.seed, "vocab": VOCAB, "version": 1}
     model_dir, data = cfg.work_dir / "model", cfg.work_dir / "pairs.jsonl"
     meta_file = cfg.work_dir / "meta.json"
     if meta_file.exists() and json.loads(meta_file.read_text()) == meta:
