@@ -418,3 +418,15 @@ def test_help_lists_the_method_flags():
 def test_import_is_silent():
     result = python("-c", "import dpo")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_track_logs_every_step_to_wandb_offline(train_run, tmp_path, monkeypatch):
+    """--track with WANDB_MODE=offline writes a local run holding the logged metrics, and needs no network."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_run(fresh=True, track=True, max_steps=2, save_steps=0)
+    (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # the run's binary log (protobuf keeps keys as text)
+    data = record.read_bytes()
+    for key in ("train/loss", "train/rewards/margin", "train/rewards/accuracy", "perf/tokens_per_sec", "beta"):
+        assert key.encode() in data
