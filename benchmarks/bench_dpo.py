@@ -23,8 +23,8 @@ positions that go through the LM head. Training = forward + backward = 3x forwar
     head costs 4x forward in training instead of 3x. For `ours` P comes from the lm_head hook (3x in training).
 
 Commands (run from the repo root, on a quiet machine; --threads as wanted):
-  /work/venv/bin/python benchmarks/bench_dpo.py --impl both --threads 2       # full: 160 pairs, both sides
-  /work/venv/bin/python benchmarks/bench_dpo.py --impl trl --num-pairs 16     # quick smoke test of the TRL side
+  python benchmarks/bench_dpo.py --impl both --threads 2 --trl-python /tmp/trl_venv/bin/python   # 160 pairs, both
+  python benchmarks/bench_dpo.py --impl trl --num-pairs 16 --trl-python ...                     # TRL smoke test
 The TRL side runs in --trl-python (a scratch venv with trl; TRL is not a project dependency).
 """
 
@@ -60,7 +60,7 @@ class Config:
     beta: float = 0.1
     learning_rate: float = 1e-6
     trl_sampling: Literal["random", "group_by_length"] = "group_by_length"  # see run_trl
-    trl_python: str = "/work/trl_venv/bin/python"
+    trl_python: str = "/tmp/trl_venv/bin/python"  # a scratch venv with trl, as in the README
     ours_python: str = sys.executable
     out_json: Path | None = None  # default: <work_dir>/results.json
     child: str = ""  # internal: "trl"/"ours" = run that implementation in this process
