@@ -26,6 +26,13 @@ Conventions and deviations
   after truncation, have an empty prompt, or whose chosen equals rejected are
   skipped, counted and reported. An empty response is kept and scored as its
   `<eos>` alone, in every format (a chat template already renders it so).
+- Implicit-prompt rows (hh-rlhf): the prompt is the longest shared prefix of
+  chosen and rejected, backed up to a word boundary, so words both answers
+  begin with count as prompt. h, and so the loss, is unchanged (those tokens
+  cancel); the logged logps/* are of the differing parts only.
+- The reference runs in the policy's dtype (float32) under the same
+  autocast, so h = 0 exactly at step 0. That costs memory on a GPU;
+  `--precompute_ref_logps` frees the reference after one pass.
 
 Usage
     python dpo.py                                    # the embedded toy world, any CPU, about a minute
@@ -59,7 +66,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -470,7 +477,13 @@ def train(args: Args) -> dict:
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
-    state = torch.load(os.path.join(policy_path, "training_state.pt"), weights_only=False) if args.resume_from else None
+    state = None
+    if args.resume_from:
+        state_file = os.path.join(policy_path, "training_state.pt")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps (output_dir/checkpoint-N); "
+                                    f"{policy_path!r} has no training_state.pt")
+        state = torch.load(state_file, weights_only=False)
     saved_ref_logps = state.get("ref_logps") if state is not None else None  # a resumed run's, if it precomputed them
     ref_model = None
     if not (args.precompute_ref_logps and saved_ref_logps is not None):
@@ -533,8 +546,13 @@ def train(args: Args) -> dict:
     # ---- optimizer and schedule: linear warmup, then linear decay to 0
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total_steps)
-    schedule = lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def lr_factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start_step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

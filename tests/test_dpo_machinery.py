@@ -430,3 +430,10 @@ def test_track_logs_every_step_to_wandb_offline(train_run, tmp_path, monkeypatch
     data = record.read_bytes()
     for key in ("train/loss", "train/rewards/margin", "train/rewards/accuracy", "perf/tokens_per_sec", "beta"):
         assert key.encode() in data
+
+
+def test_resume_from_a_final_model_says_what_it_needs(train_run):
+    """A final output_dir has no optimizer state: resuming from it must say so, not fail deep inside torch.load."""
+    final = train_run().out
+    with pytest.raises(FileNotFoundError, match="checkpoint directory written with --save_steps"):
+        train_run(fresh=True, resume_from=str(final))

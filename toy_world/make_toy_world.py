@@ -84,7 +84,6 @@ def train_reference(model, tokenizer, rng: np.random.Generator, steps: int = 800
     bases = [world.prompt_ids(tokenizer, p) for p in world.PROMPTS]
     assert len({len(b) for b in bases}) == 1, "toy prompts are all the same length"
     n = len(bases[0])
-    width = n + world.MAX_WORDS + 1
     word_ids = np.array(tokenizer.convert_tokens_to_ids(world.WORDS))
     # every answer in Y as token ids followed by <|end|>, right-padded
     answers = np.full((len(world.RESPONSES), world.MAX_WORDS + 1), -100)
