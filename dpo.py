@@ -108,7 +108,7 @@ class Args:
     # ---- optimisation
     learning_rate: float = 3e-4
     """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
-    num_train_epochs: int = 3
+    num_train_epochs: int = 2
     """passes over the training pairs"""
     max_steps: int = -1
     """if > 0, the number of optimizer steps, overriding num_train_epochs"""

@@ -1,8 +1,12 @@
 """Shared test setup: `import dpo` works from any working directory, and CPU work stays single-threaded."""
 
+import shutil
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,3 +23,21 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured on the toy world")
         for line in MEASURED:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def toy_reward_model(tmp_path_factory):
+    """`python reward_model.py` with every default, trained once per session on snapshots of the toy model and pairs.
+
+    test_reward_model_toy_world.py measures it; test_ppo_toy_world.py trains PPO against it, as
+    `python reward_model.py && python ppo_rlhf.py` does.
+    """
+    import reward_model
+
+    d = tmp_path_factory.mktemp("reward_model")
+    toy = Path(__file__).resolve().parents[1] / "toy_world"
+    model_dir, data_dir = (shutil.copytree(toy / name, d / name) for name in ("model", "pairs"))
+    args = reward_model.Args(model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(d / "out"), device="cpu")
+    start = time.perf_counter()
+    metrics = reward_model.train(args)
+    return SimpleNamespace(path=args.output_dir, data_dir=data_dir, metrics=metrics, seconds=time.perf_counter() - start)

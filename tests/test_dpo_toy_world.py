@@ -4,6 +4,8 @@ What DPO can pin down. The data's answers all lie in Y (at most four words, then
 pi only through ratios pi(y)/pi(y') of answers in Y: its population minimisers are exactly the policies with
 pi(.|Y) = pi*(.|Y), whatever mass they put outside Y (BOTTOM). So the target is KL(pi(.|Y) || pi*(.|Y)); the
 KL over the full space, which also charges the mass that leaves Y, and that mass itself are reported beside it.
+The distance from pi to that set of minimisers, min KL(pi || pi') over them, is (1 - m) KL(pi(.|Y) || pi*(.|Y)) with m
+the mass pi puts outside Y: the conditional KL is what DPO's loss can see and be held to.
 """
 
 import subprocess
@@ -46,17 +48,19 @@ def measure(name: str, policy: dict, reference: dict, beta: float) -> dict:
 def test_dpo_reaches_the_analytic_optimum_on_the_toy_world(tmp_path, reference):
     """Target (issue 2): KL to the optimum falls to at most 20% of the reference's.
 
-    beta = 1 puts the optimum E[r] well above the reference's while 8k Bradley-Terry pairs still pin r/beta down;
+    beta = 1 puts the optimum E[r] well above the reference's while 16k Bradley-Terry pairs still pin r/beta down;
     at beta = 0.1 (the default run below) the optimum is nearly deterministic and the fit is noise-limited.
+    Measured: 17.1% on Y after 3 epochs (15.8% after 5). With 8k pairs it stalled at 21-22% whatever the epochs,
+    learning rate or batch: the labels' noise, not the optimiser, set the floor.
     """
     beta = 1.0
     torch.set_num_threads(2)
     try:
-        dpo.train(dpo.Args(beta=beta, learning_rate=3e-4, num_train_epochs=5, eval_steps=0, logging_steps=10_000,
+        dpo.train(dpo.Args(beta=beta, learning_rate=3e-4, num_train_epochs=3, eval_steps=0, logging_steps=10_000,
                            output_dir=str(tmp_path / "dpo"), device="cpu"))
     finally:
         torch.set_num_threads(1)
-    f = measure("dpo.py, 5 epochs", toy.exact_logprobs(tmp_path / "dpo"), reference, beta)
+    f = measure("dpo.py, 3 epochs", toy.exact_logprobs(tmp_path / "dpo"), reference, beta)
     assert f["kl_y"] <= 0.2 * f["kl_y_ref"]
     assert f["reward"] > f["reward_ref"]
 
@@ -66,6 +70,6 @@ def test_default_command_runs_and_moves_toward_the_optimum(tmp_path, reference):
     out = tmp_path / "default"
     run = subprocess.run([sys.executable, "dpo.py", "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "train: 8192 pairs kept of 8192" in run.stdout
+    assert "train: 16384 pairs kept of 16384" in run.stdout
     f = measure("python dpo.py (defaults)", toy.exact_logprobs(out), reference, dpo.Args().beta)
     assert f["kl_y"] < 0.5 * f["kl_y_ref"]  # measured: about 21% of the reference's

@@ -1,0 +1,318 @@
+"""The machinery of ppo_rlhf.py: truncation after EOS, left-padded generation and log-probs against unbatched
+computations, reward scores against the reward model's own forward, prompt formats, bad inputs, and what the training
+loop promises about saving, resuming, non-finite steps, the RLOO mode and wandb. (The method's math has its own tests:
+test_ppo_loss.py, test_ppo_bandit.py.)
+
+Everything runs on CPU with the toy world's model copied once per module and a reward model with a random, seeded
+head made from it here, so no test depends on a trained reward model or on what any model has learnt.
+"""
+
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import wandb
+from datasets import Dataset
+from safetensors.torch import load_file
+from test_dpo_machinery import CONFIGS, TINY, assert_same_weights
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, LlamaConfig,
+                          LlamaForSequenceClassification)
+
+import ppo_rlhf as ppo
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "toy_world"
+
+
+# --------------------------------------------------------------------------- shared fixtures
+@pytest.fixture(scope="module")
+def toy_dirs(tmp_path_factory) -> SimpleNamespace:
+    """Snapshots of toy_world/model and toy_world/prompts, and a reward model with a random head (seed 0)."""
+    base = tmp_path_factory.mktemp("toy")
+    model = Path(shutil.copytree(TOY / "model", base / "model"))
+    prompts = Path(shutil.copytree(TOY / "prompts", base / "prompts"))
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    rm.save_pretrained(base / "rm")
+    AutoTokenizer.from_pretrained(model).save_pretrained(base / "rm")
+    return SimpleNamespace(model=model, prompts=prompts, rm=base / "rm", tokenizer=AutoTokenizer.from_pretrained(model))
+
+
+# 8 prompts a rollout in chunks of 3 (so chunks stop generating at different widths), 2 minibatches of 2 micro-batches
+BASE_ARGS = dict(num_rollouts=4, save_steps=2, rollout_batch_size=8, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                 num_ppo_epochs=2, forward_batch_size=3, eval_steps=2, logging_steps=1000, learning_rate=1e-3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, toy_dirs):
+    """train_run(**overrides) runs ppo.train on the snapshots; calls with the same overrides share one run, fresh=True trains anew."""
+    cache = {}
+
+    def run(fresh: bool = False, **overrides):
+        key = tuple(sorted(overrides.items()))
+        if fresh or key not in cache:
+            args = ppo.Args(**{**BASE_ARGS, "model_name_or_path": str(toy_dirs.model), "reward_model_path": str(toy_dirs.rm),
+                               "dataset_name": str(toy_dirs.prompts), "output_dir": str(tmp_path_factory.mktemp("run")), **overrides})
+            result = SimpleNamespace(out=Path(args.output_dir), metrics=ppo.train(args), args=args)
+            if fresh:
+                return result
+            cache[key] = result
+        return cache[key]
+
+    return run
+
+
+def without_timings(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith(("perf/", "time/"))}
+
+
+# --------------------------------------------------------------------------- 1. truncation after EOS
+E, P = 9, 0  # eos and pad ids in these cases
+
+
+@pytest.mark.parametrize("sampled, kept, has_eos", [
+    ([5, 6, E, 7, E], [5, 6, E, P, P], True),  # cut after the first EOS, later ones included
+    ([E, 5, 6, 7, 8], [E, P, P, P, P], True),  # an empty answer is its EOS alone
+    ([5, 6, 7, 8, 4], [5, 6, 7, 8, 4], False),  # no EOS within the budget: kept whole
+    ([5, 6, 7, 8, E], [5, 6, 7, 8, E], True),
+])
+def test_truncate_after_eos(sampled, kept, has_eos):
+    responses, mask, eos = ppo.truncate_after_eos(torch.tensor([sampled, [1, 2, 3, 4, 5]]), E, P)
+    assert responses[0].tolist() == kept and responses[1].tolist() == [1, 2, 3, 4, 5]
+    assert mask[0].tolist() == [i <= kept.index(E) if has_eos else True for i in range(5)]
+    assert eos.tolist() == [has_eos, False]
+
+
+# --------------------------------------------------------------------------- 2. left padding against unbatched passes
+# CONFIGS: tiny random Llama (untied head), Gemma 2 (soft-capped logits), Granite and Cohere (scaled logits): every
+# branch of lm_logits. TINY is their shared size, pad 0, eos 2. They all use rotary embeddings, which see only position
+# differences, so a left-padded row whose positions were not shifted back to 0 would still score the same: GPT-2's
+# absolute position embeddings are what catch that.
+MODELS = {**CONFIGS, "gpt2": lambda: GPT2Config(vocab_size=37, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                                                eos_token_id=2, pad_token_id=0)}
+
+
+@pytest.fixture(scope="module", params=["toy", *MODELS])
+def causal_lm(request, toy_dirs):
+    if request.param == "toy":
+        return AutoModelForCausalLM.from_pretrained(toy_dirs.model).eval()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MODELS[request.param]()).eval()
+    if request.param == "gpt2":  # large position embeddings, so that a position off by the padding changes the argmax
+        model.transformer.wpe.weight.data.mul_(25.0)
+    return model
+
+
+PROMPT_LENGTHS, RESPONSE_LENGTHS = [1, 4, 2, 7], [3, 1, 5, 2]
+
+
+def random_rollout(vocab_size: int, pad_id: int = 0):
+    """Left-padded queries and right-padded responses of different lengths, random ids (never pad)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+    responses = [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in RESPONSE_LENGTHS]
+    query, query_mask = ppo.left_pad(prompts, pad_id)
+    width = max(RESPONSE_LENGTHS) + 1  # one all-padding column, which the passes cut
+    response = torch.full((len(responses), width), pad_id)
+    mask = torch.zeros((len(responses), width), dtype=torch.bool)
+    for b, r in enumerate(responses):
+        response[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), True
+    return prompts, responses, (query, query_mask, response, mask)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_left_padded_logps_match_unbatched(causal_lm, temperature):
+    prompts, responses, batch = random_rollout(causal_lm.config.vocab_size)
+    with torch.no_grad():
+        logps, entropy = ppo.response_logps(causal_lm, *batch, temperature, with_entropy=True)
+        for b, (p, r) in enumerate(zip(prompts, responses)):
+            logits = causal_lm(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1].float() / temperature  # (len(r), V)
+            logp = logits.log_softmax(-1)
+            want = torch.zeros(batch[2].shape[1])
+            want[: len(r)] = logp.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            want_entropy = torch.zeros(batch[2].shape[1])
+            want_entropy[: len(r)] = -(logp.exp() * logp).sum(-1)
+            # float32 log-softmax of <= 7-token rows: rounding ~1e-6; a shifted position or a prompt token is >= 1e-2
+            torch.testing.assert_close(logps[b], want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(entropy[b], want_entropy, rtol=0, atol=1e-5)
+
+
+def test_batched_generation_matches_unbatched_greedy(causal_lm):
+    """At a temperature near 0, sampling with left padding and the KV cache gives each prompt's greedy answer,
+    computed here one prompt at a time by full forwards without a cache."""
+    prompts, _, (query, query_mask, _, _) = random_rollout(causal_lm.config.vocab_size)
+    sampled = ppo.generate(causal_lm, query, query_mask, 6, 1e-6, eos_id=-1, generator=torch.Generator().manual_seed(0))
+    for b, p in enumerate(prompts):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(causal_lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert sampled[b].tolist() == ids[len(p) :]
+
+
+def test_generation_stops_once_every_row_has_an_eos(toy_dirs):
+    model = AutoModelForCausalLM.from_pretrained(toy_dirs.model).eval()
+    query, query_mask = ppo.left_pad([[2, 6, 7, 3], [2, 3]], toy_dirs.tokenizer.pad_token_id)
+    eos = toy_dirs.tokenizer.eos_token_id
+    out = ppo.generate(model, query, query_mask, 50, 1.0, eos, torch.Generator().manual_seed(0))
+    assert out.shape[1] < 50 and (out == eos).any(-1).all() and (out[:, -1] == eos).any()
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_reward_scores_match_the_reward_models_own_forward(pad_is_eos):
+    """reward_scores reads the score where model(**inputs).logits does (reward_model.py trains it there): the EOS, or,
+    where pad and eos are one token, the token before it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, "pad_token_id": 2 if pad_is_eos else 0}, num_labels=1)
+    rm = LlamaForSequenceClassification(config).eval()
+    prompts, responses, (query, query_mask, response, mask) = random_rollout(config.vocab_size, pad_id=config.pad_token_id)
+    for b, r in enumerate(responses):
+        response[b, len(r) - 1] = 2  # every response ends with its EOS
+    with torch.no_grad():
+        scores = ppo.reward_scores(rm, query, query_mask, response, mask)
+        want = [rm(input_ids=torch.tensor([p + response[b, : len(r)].tolist()])).logits[0, 0] for b, (p, r) in enumerate(zip(prompts, responses))]
+    torch.testing.assert_close(scores, torch.stack(want), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 3. prompts
+def test_prompt_formats_give_identical_ids(toy_dirs, capsys):
+    tok = toy_dirs.tokenizer
+    messages = [[{"role": "user", "content": "how was the food ?"}], [{"role": "user", "content": "was the trip good ?"}]]
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    conversational = ppo.tokenize_prompts(Dataset.from_dict({"prompt": messages}), tok, 256, "train")
+    assert conversational == ppo.tokenize_prompts(Dataset.from_dict({"prompt": texts}), tok, 256, "train")
+    assert tok.convert_ids_to_tokens(conversational[0]) == ["<|user|>", "how", "was", "the", "food", "?", "<|assistant|>"]
+    assert ppo.tokenize_prompts(Dataset.from_dict({"prompt": texts}), tok, 3, "train")[0] == conversational[0][-3:]  # keeps the end
+    assert "train: 2 prompts kept of 2; 2 truncated to their last 3 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"question": ["how ?"]}, "no column 'prompt'"),
+    ({"prompt": [3]}, "should be a string or a list"),
+    ({"prompt": [""]}, "no usable prompts"),
+])
+def test_bad_prompts_raise(toy_dirs, data, match):
+    with pytest.raises(ValueError, match=match):
+        ppo.tokenize_prompts(Dataset.from_dict(data), toy_dirs.tokenizer, 256, "train")
+
+
+# --------------------------------------------------------------------------- 4. training runs
+def test_saved_models_load(train_run, toy_dirs):
+    run = train_run()
+    for path in (run.out, run.out / "checkpoint-2"):
+        assert json.loads((path / "args.json").read_text()) == asdict(run.args)
+        AutoModelForCausalLM.from_pretrained(path)
+        assert AutoTokenizer.from_pretrained(path).get_vocab() == toy_dirs.tokenizer.get_vocab()
+        value_model = AutoModelForSequenceClassification.from_pretrained(path / "value_model")
+        saved = load_file(path / "value_model" / "model.safetensors")
+        assert all(torch.equal(value_model.state_dict()[name], w) for name, w in saved.items())
+    assert (run.out / "checkpoint-2" / "training_state.pt").exists() and not (run.out / "training_state.pt").exists()
+    for before, after in ((toy_dirs.model, run.out), (toy_dirs.rm, run.out / "value_model")):  # both trained
+        a, b = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metrics_are_logged_under_their_names(train_run, capsys):
+    metrics = train_run().metrics
+    for key in ("objective/kl", "objective/score", "objective/rlhf_reward", "objective/entropy", "policy/approxkl", "policy/clipfrac",
+                "loss/policy", "loss/value", "val/error", "perf/tokens_per_sec", "train/lr", "train/grad_norm", "time/generate",
+                "time/update", "eval/score"):
+        assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
+    assert metrics["objective/rlhf_reward"] == pytest.approx(metrics["objective/score"] - ppo.Args().beta * metrics["objective/kl"])
+    assert metrics["objective/kl"] != 0 and metrics["policy/approxkl"] > 0  # the policy moved away from the reference
+
+
+def test_resume_replays_the_run_exactly(train_run, capsys):
+    full = train_run()
+    checkpoint = full.out / "checkpoint-2"
+    resumed = train_run(fresh=True, resume_from=str(checkpoint))
+    assert f"resumed from {checkpoint} at rollout 2" in capsys.readouterr().out
+    assert_same_weights(full.out, resumed.out)
+    assert_same_weights(full.out / "value_model", resumed.out / "value_model")
+    assert without_timings(full.metrics) == without_timings(resumed.metrics)
+
+
+def test_accumulation_splits_do_not_change_the_update(train_run):
+    """Losses are token means over the minibatch whatever its micro-batches: 2 x 2 and 1 x 4 give the same run."""
+    a, b = train_run(), train_run(gradient_accumulation_steps=1, per_device_train_batch_size=4)
+    wa, wb = load_file(a.out / "model.safetensors"), load_file(b.out / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad_call, last_good", [(21, 2), (1, None)])
+def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, bad_call, last_good):
+    """8 micro-batches a rollout: call 21 is in rollout 2 (counted from 0, so after checkpoint-2), call 1 in rollout 0."""
+    calls, real = [], ppo.ppo_policy_loss
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        losses, clipped, approxkl = real(*args, **kwargs)
+        return (losses * float("nan") if len(calls) == bad_call else losses), clipped, approxkl
+
+    monkeypatch.setattr(ppo, "ppo_policy_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=f"loss is nan at rollout {(bad_call - 1) // 8}") as info:
+        train_run(fresh=True, output_dir=str(out))
+    assert not (out / "model.safetensors").exists()
+    assert (str(out / f"checkpoint-{last_good}") if last_good else "none saved") in str(info.value)
+
+
+@pytest.mark.parametrize("config", [{"advantage_estimator": "rloo", "rloo_k": 2}, {"value_model_init": "policy", "kl_estimator": "k3"}],
+                         ids=["rloo", "value_from_policy-k3"])
+def test_options_run(train_run, config):
+    run = train_run(fresh=True, num_rollouts=2, save_steps=0, **config)
+    assert (run.out / "value_model").exists() == (config.get("advantage_estimator") != "rloo")
+    assert ("loss/value" in run.metrics) == (config.get("advantage_estimator") != "rloo")
+    if "rloo_k" in config:
+        assert run.metrics["train/episodes"] == 2 * BASE_ARGS["rollout_batch_size"] * 2
+    if config.get("kl_estimator") == "k3":
+        assert run.metrics["objective/kl"] >= 0  # k3 is non-negative token by token
+
+
+def test_rloo_needs_two_samples(train_run):
+    with pytest.raises(ValueError, match="rloo_k >= 2"):
+        train_run(fresh=True, advantage_estimator="rloo", rloo_k=1)
+
+
+def test_resume_from_a_final_model_says_what_it_needs(train_run):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory written with --save_steps"):
+        train_run(fresh=True, resume_from=str(train_run().out))
+
+
+def test_track_logs_metrics_and_sample_table_to_wandb_offline(train_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()  # wandb keeps the settings of an earlier run in this process (its directory included)
+    train_run(fresh=True, track=True, num_rollouts=2, save_steps=0)
+    (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    for key in ("objective/kl", "objective/rlhf_reward", "policy/clipfrac", "perf/tokens_per_sec", "eval/samples", "kl_estimator"):
+        assert key.encode() in data
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/samples_*.table.json"))
+
+
+# --------------------------------------------------------------------------- 5. the command line
+def test_help_lists_the_method_flags(monkeypatch, capsys):
+    """The script's own `__main__` block, run in this process (a fresh interpreter would spend seconds importing)."""
+    monkeypatch.setattr(sys, "argv", ["ppo_rlhf.py", "--help"])
+    monkeypatch.setenv("COLUMNS", "160")
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "ppo_rlhf.py"), run_name="__main__")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--beta", "--kl_estimator", "--advantage_estimator", "--rloo_k", "--missing_eos_penalty", "--value_model_init"):
+        assert flag in out
+
+
+def test_import_is_silent():
+    result = subprocess.run([sys.executable, "-c", "import ppo_rlhf"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

@@ -1,0 +1,368 @@
+"""The machinery of reward_model.py: where the score is read, padding, the margin column, bad inputs, and what the
+training loop promises about saving, loading, resuming, non-finite steps and determinism. (The loss has its own
+tests: test_reward_model_loss.py, test_reward_model_optimum.py. Tokenization and data loading are dpo.py's, tested in
+test_dpo_machinery.py and kept identical by test_copies_identical.py; only the margin is new here.)
+
+Everything runs on CPU. The toy world is copied once per module, since toy_world/ may be regenerated while the tests
+run, and every expected value is computed here from the same model, tokenizer or data.
+"""
+
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import load_dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
+
+import reward_model as rm
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "toy_world"
+N_TRAIN, N_TEST = 64, 16  # rows of toy data the training runs use
+
+
+# --------------------------------------------------------------------------- shared fixtures
+def head(src: Path, dst: Path, n: int, margin=None) -> None:
+    """The first n rows of a jsonl file, each given margin(i) in a 'margin' column if asked."""
+    with open(src) as f:
+        rows = [json.loads(line) for line in itertools.islice(f, n)]
+    if margin is not None:
+        rows = [{**row, "margin": margin(i)} for i, row in enumerate(rows)]
+    dst.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def margin_of(i: int) -> float:
+    return (i % 5) / 2  # 0, 0.5, ..., 2: a pattern any misalignment of rows and margins breaks
+
+
+@pytest.fixture(scope="module")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """A snapshot of toy_world/model."""
+    return Path(shutil.copytree(TOY / "model", tmp_path_factory.mktemp("toy") / "model"))
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(toy_model_dir):
+    return AutoTokenizer.from_pretrained(toy_model_dir)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The first rows of the toy world's conversational pairs, with a train and a test split and a margin column."""
+    d = tmp_path_factory.mktemp("data")
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        head(TOY / "pairs" / f"{split}.jsonl", d / f"{split}.jsonl", n, margin_of)
+    return d
+
+
+BASE_ARGS = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=16,
+                 eval_steps=0, logging_steps=1000, device="cpu")  # 4 batches an epoch: step 3 -> 4 crosses an epoch
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, toy_model_dir, data_dir):
+    """train_run(**overrides) runs rm.train on the snapshots and returns a namespace (out, metrics, args).
+
+    Calls with the same overrides share one run; fresh=True always trains anew.
+    """
+    cache = {}
+
+    def run(fresh: bool = False, **overrides):
+        key = tuple(sorted(overrides.items()))
+        if fresh or key not in cache:
+            args = rm.Args(**{**BASE_ARGS, "model_name_or_path": str(toy_model_dir), "dataset_name": str(data_dir),
+                              "output_dir": str(tmp_path_factory.mktemp("run")), **overrides})
+            result = SimpleNamespace(out=Path(args.output_dir), metrics=rm.train(args), args=args)
+            if fresh:
+                return result
+            cache[key] = result
+        return cache[key]
+
+    return run
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    """All metrics but the wall-clock one."""
+    keys = sorted(k for k in a if not k.startswith("perf/"))
+    assert keys == sorted(k for k in b if not k.startswith("perf/"))
+    assert [b[k] for k in keys] == [a[k] for k in keys]
+
+
+def wrap_reward_loss(monkeypatch, edit=lambda call, losses, chosen: losses) -> list:
+    """Route rm.reward_loss through `edit` on the training loop's calls (those with gradients); record their margins."""
+    calls, real = [], rm.reward_loss
+
+    def wrapped(chosen_rewards, rejected_rewards, margin=None, center_rewards_coef=0.0):
+        losses, chosen, rejected = real(chosen_rewards, rejected_rewards, margin, center_rewards_coef)
+        if chosen_rewards.requires_grad:  # evaluation runs under no_grad
+            calls.append(None if margin is None else margin.tolist())
+            losses = edit(len(calls), losses, chosen_rewards)
+        return losses, chosen, rejected
+
+    monkeypatch.setattr(rm, "reward_loss", wrapped)
+    return calls
+
+
+# --------------------------------------------------------------------------- 1. where the score is read
+TINY = dict(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, num_labels=1)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY),  # grouped-query attention, rotary positions
+    "qwen2": lambda: Qwen2Config(**TINY),
+    "gpt2": lambda: GPT2Config(vocab_size=37, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1),  # learned positions
+}
+# (prompt, chosen, rejected) lengths: rows of different widths, so most are right-padded
+LENGTHS = [(1, 1, 5), (4, 3, 1), (2, 6, 2), (7, 2, 3)]
+
+
+@pytest.fixture(scope="module", params=["toy", *CONFIGS])
+def score_model(request, toy_model_dir):
+    torch.manual_seed(0)
+    if request.param == "toy":
+        return AutoModelForSequenceClassification.from_pretrained(toy_model_dir, num_labels=1).eval()
+    return AutoModelForSequenceClassification.from_config(CONFIGS[request.param]()).eval()
+
+
+@pytest.mark.parametrize("pad", ["first id", "last id"])
+def test_score_is_read_at_the_last_non_padding_token(score_model, pad):
+    """pair_rewards on a right-padded batch gives each row the head's output at its last real token: the same as the
+    model on that row alone, unpadded, and as the head applied by hand to the body's last hidden state."""
+    vocab = score_model.config.vocab_size
+    pad_id = 0 if pad == "first id" else vocab - 1
+    score_model.config.pad_token_id = pad_id  # as rm.train sets it
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: (torch.randint(vocab - 1, (n,), generator=g) + (pad_id == 0)).tolist()  # noqa: E731  never pad_id
+    rows = []
+    for i, (p, c, r) in enumerate(LENGTHS):
+        prompt = ids(p)
+        rows.append({"chosen": prompt + ids(c), "chosen_start": p, "rejected": prompt + ids(r), "rejected_start": p, "index": i})
+    batch = rm.collate(rows, pad_id)
+    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    assert (batch["attention_mask"] == 0).any()  # some rows are padded
+    with torch.no_grad():
+        chosen, rejected = rm.pair_rewards(score_model, batch)
+        alone = torch.cat([score_model(input_ids=torch.tensor([s])).logits[:, 0] for s in seqs])
+        by_hand = torch.stack([score_model.score(score_model.base_model(input_ids=torch.tensor([s])).last_hidden_state[0, -1])[0]
+                               for s in seqs])
+        first = score_model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        at_position_0 = score_model.score(first.hidden_states[-1][:, 0])[:, 0]
+    assert chosen.shape == rejected.shape == (len(rows),) and chosen.dtype == torch.float32
+    # float32 through a 2-3 layer body: rounding ~1e-7; reading one position off changes a score by >= 1e-3
+    torch.testing.assert_close(torch.cat([chosen, rejected]), alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone, by_hand, rtol=0, atol=1e-5)
+    assert (torch.cat([chosen, rejected]) - at_position_0).abs().max() > 1e-3  # the check can tell positions apart
+
+
+def test_tokenizer_without_pad_pads_with_eos(tmp_path, train_run):
+    """A tokenizer with no pad token pads with <eos>; the config and the saved tokenizer say so, and the saved model
+    scores a padded batch as it scores each row alone. Pad and eos then share an id, so the model's forward counts
+    the final <eos> as padding and reads the score one token earlier, in training and in use alike."""
+    model_dir = Path(shutil.copytree(TOY / "model", tmp_path / "nopad"))
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["pad_token_id"] = None
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
+    out = train_run(fresh=True, model_name_or_path=str(model_dir), max_steps=2, save_steps=0).out
+    tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForSequenceClassification.from_pretrained(out).eval()
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == model.config.pad_token_id == eos
+    texts = ["<|user|> how was the food ? <|assistant|> great food <|end|>", "<|user|> how was the trip ? <|assistant|> <|end|>"]
+    with torch.no_grad():
+        padded = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0]
+        alone = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits[:, 0] for t in texts])
+        ids = tokenizer(texts[0])["input_ids"]
+        assert ids[-1] == eos
+        body = model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (T, H)
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone[0], model.score(body[-2])[0], rtol=0, atol=1e-5)  # the token before <eos>
+
+
+# --------------------------------------------------------------------------- 2. data: formats, margins, bad columns
+def test_formats_give_identical_sequences(toy_tokenizer, tmp_path):
+    """The three formats tokenize to the same scored sequences (only their prompt/response split can differ, which
+    a reward model does not use), so they train the same reward model."""
+    rows = {}
+    for name in ("pairs", "pairs_standard", "pairs_implicit"):
+        head(TOY / name / "train.jsonl", tmp_path / f"{name}.jsonl", N_TRAIN)
+        data = load_dataset("json", data_files=str(tmp_path / f"{name}.jsonl"), split="train")
+        rows[name] = [(r["chosen"], r["rejected"]) for r in rm.tokenize_pairs_with_margins(data, toy_tokenizer, 512, 256, name, None)]
+    assert len(rows["pairs"]) == N_TRAIN
+    assert rows["pairs"] == rows["pairs_standard"] == rows["pairs_implicit"]
+
+
+P = "<|user|> how was the food ? <|assistant|>"
+
+
+def test_margins_stay_with_their_rows_when_rows_are_skipped(toy_tokenizer, capsys):
+    rows = [
+        {"prompt": P, "chosen": " good", "rejected": " bad", "m": 1.5},
+        {"prompt": P, "chosen": " good", "rejected": " good", "m": 9.0},  # skipped: chosen equals rejected
+        {"prompt": "", "chosen": " good", "rejected": " bad", "m": 8.0},  # skipped: empty prompt
+        {"prompt": P, "chosen": " great", "rejected": " awful", "m": -0.25},
+        {"prompt": P, "chosen": " food", "rejected": " bad", "m": 2},  # an int is a number too
+    ]
+    kept = rm.tokenize_pairs_with_margins(rows, toy_tokenizer, 512, 256, "unit", "m")
+    assert "unit: 3 pairs kept of 5" in capsys.readouterr().out
+    assert [r["margin"] for r in kept] == [1.5, -0.25, 2.0]
+    assert [r["index"] for r in kept] == [0, 1, 2]
+    assert [r["margin"] for r in rm.tokenize_pairs_with_margins(rows, toy_tokenizer, 512, 256, "unit", None)] == [0.0] * 3
+
+
+@pytest.mark.parametrize("value, match", [
+    (None, "no margin column 'm'"),
+    ("1.5", "should hold a finite number, got '1.5'"),
+    (float("nan"), "should hold a finite number, got nan"),
+    (True, "should hold a finite number, got True"),
+])
+def test_bad_margins_raise(toy_tokenizer, value, match):
+    row = {"prompt": P, "chosen": " good", "rejected": " bad"}
+    if value is not None:
+        row["m"] = value
+    with pytest.raises(ValueError, match=match):
+        rm.tokenize_pairs_with_margins([row], toy_tokenizer, 512, 256, "unit", "m")
+
+
+def test_margin_column_reaches_the_loss(train_run, monkeypatch):
+    """Over one epoch the loop hands reward_loss every train row's margin exactly once; without --margin_column, none.
+    The final evaluation uses the margin too: its loss differs from the margin-free run's at the same weights."""
+    calls = wrap_reward_loss(monkeypatch)
+    with_margin = train_run(fresh=True, margin_column="margin", max_steps=4, save_steps=0)
+    assert sorted(m for call in calls for m in call) == sorted(margin_of(i) for i in range(N_TRAIN))
+    calls.clear()
+    without = train_run(fresh=True, max_steps=4, save_steps=0)
+    assert calls == [None] * 4
+    # the margins (mean 1 > 0) make every pair's loss larger: -log s(d - m) > -log s(d) for m > 0
+    assert with_margin.metrics["eval/loss"] > without.metrics["eval/loss"] + 0.1
+
+
+def test_missing_columns_are_named(train_run, tmp_path, data_dir):
+    with pytest.raises(ValueError, match="no margin column 'score'"):
+        train_run(fresh=True, margin_column="score", max_steps=1, save_steps=0)
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="no column 'rejected'"):
+        train_run(fresh=True, dataset_name=str(tmp_path / "train.jsonl"), eval_holdout=16, max_steps=1, save_steps=0)
+
+
+# --------------------------------------------------------------------------- 3. training runs
+def test_saved_model_loads_and_gives_the_trained_scores(train_run, data_dir, toy_tokenizer, toy_model_dir):
+    """The final model and the checkpoint load with AutoModelForSequenceClassification. The final one reproduces the
+    run's last evaluation (same scores, so the same means, accuracy and loss), so a later script that loads it by
+    path scores exactly what was trained."""
+    run = train_run()
+    for path in (run.out, run.out / "checkpoint-3"):
+        assert json.loads((path / "args.json").read_text()) == asdict(run.args)
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        assert model.config.num_labels == 1 and model.config.pad_token_id == toy_tokenizer.pad_token_id
+        saved = load_file(path / "model.safetensors")
+        assert "score.weight" in saved and all(torch.equal(model.state_dict()[name], w) for name, w in saved.items())
+        assert AutoTokenizer.from_pretrained(path)(P)["input_ids"] == toy_tokenizer(P)["input_ids"]
+    assert (run.out / "checkpoint-3" / "training_state.pt").exists() and not (run.out / "training_state.pt").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(run.out).eval()
+    test = load_dataset("json", data_files=str(data_dir / "test.jsonl"), split="train")
+    rows = rm.tokenize_pairs_with_margins(test, toy_tokenizer, 512, 256, "test", None)
+    with torch.no_grad():
+        chosen, rejected = rm.pair_rewards(model, rm.collate(rows, toy_tokenizer.pad_token_id))
+    losses, _, _ = rm.reward_loss(chosen, rejected)
+    again = rm.reward_metrics("eval", losses, chosen, rejected)
+    assert again.keys() <= run.metrics.keys()
+    assert [again[k] for k in again] == pytest.approx([run.metrics[k] for k in again], rel=1e-5, abs=1e-6)
+    before = load_file(toy_model_dir / "model.safetensors")
+    after = load_file(run.out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)  # the body trained too
+
+
+@pytest.mark.parametrize("config", [{}, {"gradient_accumulation_steps": 2}], ids=["plain", "gradient_accumulation"])
+def test_resume_replays_the_run_exactly(train_run, monkeypatch, capsys, config):
+    full = train_run(**config)
+    checkpoint = full.out / "checkpoint-3"
+    calls = wrap_reward_loss(monkeypatch)
+    resumed = train_run(fresh=True, resume_from=str(checkpoint), **config)
+    assert f"resumed from {checkpoint} at step 3" in capsys.readouterr().out
+    assert len(calls) == 3 * config.get("gradient_accumulation_steps", 1)  # only steps 4-6 ran
+    assert_same_weights(full.out, resumed.out)
+    assert_same_metrics(full.metrics, resumed.metrics)
+
+
+def test_same_seed_same_weights_and_a_seeded_head(train_run, toy_model_dir):
+    """The new score head is drawn from the seed: the same seed gives the same run, another seed another head."""
+    first, again = train_run(), train_run(fresh=True)
+    assert_same_weights(first.out, again.out)
+    assert_same_metrics(first.metrics, again.metrics)
+    heads = []
+    for seed in (1, 1, 2):
+        rm.seed_everything(seed)  # what rm.train does before loading
+        heads.append(AutoModelForSequenceClassification.from_pretrained(toy_model_dir, num_labels=1).score.weight)
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+@pytest.mark.parametrize("corrupt, bad_call, last_good", [("loss", 5, 3), ("gradient", 5, 3), ("loss", 1, None)])
+def test_non_finite_step_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, corrupt, bad_call, last_good):
+    edit = {
+        "loss": lambda losses, chosen: losses * float("nan"),
+        # finite loss, NaN gradient: d sqrt(u)/du = inf at u = 0, times 0
+        "gradient": lambda losses, chosen: losses + 0.0 * torch.sqrt(chosen - chosen.detach()),
+    }[corrupt]
+    wrap_reward_loss(monkeypatch, lambda call, losses, chosen: edit(losses, chosen) if call == bad_call else losses)
+    out = tmp_path / "run"
+    message = {"loss": "loss is nan", "gradient": "gradient norm is nan"}[corrupt]
+    with pytest.raises(FloatingPointError, match=f"{message} at step {bad_call - 1}") as info:
+        train_run(fresh=True, output_dir=str(out))
+    assert not (out / "model.safetensors").exists()
+    if last_good is None:
+        assert "none saved" in str(info.value)
+        return
+    checkpoint = out / f"checkpoint-{last_good}"
+    assert str(checkpoint) in str(info.value)
+    assert_same_weights(checkpoint, train_run().out / f"checkpoint-{last_good}")  # the healthy run's
+
+
+def test_resume_from_a_final_model_says_what_it_needs(train_run):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory written with --save_steps"):
+        train_run(fresh=True, resume_from=str(train_run().out))
+
+
+def test_metrics_are_named_and_consistent(train_run):
+    m = train_run().metrics
+    for split in ("train", "eval"):
+        for key in ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/mean", "rewards/std"):
+            assert math.isfinite(m[f"{split}/{key}"]), f"{split}/{key}"
+    assert m["eval/rewards/margin"] == pytest.approx(m["eval/rewards/chosen"] - m["eval/rewards/rejected"], abs=1e-6)
+    assert m["eval/rewards/mean"] == pytest.approx((m["eval/rewards/chosen"] + m["eval/rewards/rejected"]) / 2, abs=1e-6)
+    assert m["eval/accuracy"] * N_TEST == round(m["eval/accuracy"] * N_TEST)  # a fraction of the 16 held-out pairs
+    assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec", "train/epoch"} <= m.keys()
+
+
+# --------------------------------------------------------------------------- 4. the command line
+def python(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+
+
+def test_help_works_and_import_is_silent():
+    """`python reward_model.py --help` imports the script (as __main__) and then prints tyro's help, so anything the
+    import printed would come before "usage:" or on stderr. One subprocess instead of two: each pays for importing
+    torch and transformers."""
+    result = python("reward_model.py", "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("usage: reward_model.py")
+    assert "--margin_column" in result.stdout and "--center_rewards_coef" in result.stdout
