@@ -249,7 +249,8 @@ def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str,
         full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if not full.startswith(prompt_text):
             raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its prefix; cannot separate the response")
-        texts.append(full[len(prompt_text) :])
+        # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
+        texts.append(full[len(prompt_text) :].rstrip())
     return prompt_text, texts[0], texts[1], True
 
 
@@ -444,6 +445,13 @@ def step_metrics(prefix: str, losses, policy_chosen, policy_rejected, chosen_rew
     }
 
 
+def enable_gradient_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
     """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
     os.makedirs(path, exist_ok=True)
@@ -472,10 +480,7 @@ def train(args: Args) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     if args.gradient_checkpointing:
-        if hasattr(policy, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            policy.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(policy)
     policy.config.use_cache = False
     state = None
     if args.resume_from:

@@ -36,8 +36,10 @@ Conventions and deviations
   responses; a response's return is its summed per-token reward
   (score - beta * sum_t kl_t) and its advantage is that return minus the mean
   of the other k-1 (Ahmadian et al. Sec. 3; Kool et al. 2019), given to every one of its tokens.
-  With one epoch and one minibatch the clipped loss is then exactly
-  REINFORCE-LOO; more epochs add PPO's clipping.
+  These advantages are whitened too by default (Ahmadian et al. do not
+  normalise them; `--whiten_advantages False` undoes it). With that, one epoch
+  and one minibatch, the loss is REINFORCE-LOO up to the token-mean scale;
+  more epochs add PPO's clipping.
 - Responses are cut after the first EOS; one that has none within
   `--max_new_tokens` is scored at its last token, minus `--missing_eos_penalty`
   (0 by default), and its end is treated as terminal (V = 0), as in TRL.
@@ -236,6 +238,11 @@ def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -
     raise ValueError(f"unknown kl estimator {estimator!r}")
 
 
+def penalised_scores(scores: torch.Tensor, has_eos: torch.Tensor, missing_eos_penalty: float) -> torch.Tensor:
+    """scores (B,) minus missing_eos_penalty where has_eos (B,) is False."""
+    return torch.where(has_eos, scores, scores - missing_eos_penalty)
+
+
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor, beta: float,
                   missing_eos_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -beta * kl_t at every response token, plus the score at the last one (InstructGPT Eq. 2).
@@ -245,7 +252,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, ha
     Returns rewards (B, R), zero outside the mask, and the scores after the
     missing-EOS penalty (B,). rewards.sum(-1) is each response's RLHF reward.
     """
-    scores = torch.where(has_eos, scores, scores - missing_eos_penalty)  # (B,)
+    scores = penalised_scores(scores, has_eos, missing_eos_penalty)  # (B,)
     rewards = -beta * kl * mask  # (B, R)
     last = mask.sum(-1).long() - 1  # (B,) index of the last response token: the EOS, or where the budget ran out
     rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
@@ -395,7 +402,7 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, desc: str) -> l
 
 def prompt_order(n: int, seed: int, epoch: int) -> list[int]:
     """One epoch's order of the n prompts, a pure function of (seed, epoch) so a resumed run replays it exactly."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + 3 * epoch)).tolist()
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +478,8 @@ def forward_hidden(model, query, query_mask, response, response_mask) -> tuple[t
     input_ids = torch.cat([query, response[:, :width]], dim=1)
     attention_mask = torch.cat([query_mask, response_mask[:, :width].long()], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # a cache would hold every layer's K/V to no use
     return hidden, query.shape[1]
 
 
@@ -629,7 +637,6 @@ def train(args: Args) -> dict:
                                     f"{policy_path!r} has no training_state.pt")
         state = torch.load(state_file, weights_only=False)
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
-    policy.config.use_cache = False  # generation asks for the cache explicitly
     ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(device)
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).to(device)
     if reward_model.config.num_labels != 1:
@@ -739,7 +746,7 @@ def train(args: Args) -> dict:
         """One sampled response per held-out prompt (the same sampling seed every time); print a sample table."""
         policy.eval()
         batch = sample_and_score(eval_prompts, torch.Generator(device).manual_seed(args.seed), Counter())
-        batch["scores"] = torch.where(batch["has_eos"], batch["scores"], batch["scores"] - args.missing_eos_penalty)
+        batch["scores"] = penalised_scores(batch["scores"], batch["has_eos"], args.missing_eos_penalty)
         rows = sample_table(tokenizer, *(batch[k] for k in ("query", "query_mask", "response", "mask", "scores")))
         tqdm.write(f"samples after rollout {done} (prompt | response | score):\n"
                    + "\n".join(f"  {p!r} | {r!r} | {s:.3f}" for p, r, s in rows[: args.num_printed_samples]))
@@ -755,7 +762,8 @@ def train(args: Args) -> dict:
         t_start, timings = clock(), Counter()
         for model in trained:
             model.eval()
-        generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rollout)  # sampling replays on resume
+        # sampling replays on resume; prompt order, sampling and minibatch shuffles are three streams (3k, 3k + 1, 3k + 2)
+        generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + 3 * rollout + 1)
         batch = sample_and_score(rollout_prompts(rollout), generator, timings)  # steps 1-3
         mask = batch["mask"]
         # 4. old policy log-probs (and entropy), reference log-probs and values: one no-grad pass each
@@ -782,7 +790,7 @@ def train(args: Args) -> dict:
         t_update, stats = clock(), Counter()
         for model in trained:
             model.train()
-        shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + rollout)
+        shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + 3 * rollout + 2)
         for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(len(mask), generator=shuffle).to(device)
             for m in range(minibatches_per_epoch):
@@ -826,7 +834,7 @@ def train(args: Args) -> dict:
         metrics = {k: v / n_updates for k, v in stats.items()}
         metrics.update({
             "objective/kl": seq_kl.mean().item(), "objective/score": scores.mean().item(),
-            "objective/rlhf_reward": (scores - args.beta * seq_kl).mean().item(),
+            "objective/rlhf_reward": rewards.sum(-1).mean().item(),  # score - beta * seq_kl
             "objective/entropy": (entropy * mask).sum(-1).mean().item(),
             "rollout/length": lengths.mean().item(), "rollout/no_eos": (~batch["has_eos"]).float().mean().item(),
             "train/lr": scheduler.get_last_lr()[0], "train/episodes": (rollout + 1) * batch_size,

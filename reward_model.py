@@ -45,7 +45,7 @@ The result loads with `AutoModelForSequenceClassification.from_pretrained(output
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
     train/loss                  mean loss (Bradley-Terry, plus margin and centring terms if on)
-    train/accuracy              fraction of pairs with r_w > r_l
+    train/rewards/accuracy      fraction of pairs with r_w > r_l
     train/rewards/chosen        mean score r_w of the chosen responses
     train/rewards/rejected      mean score r_l of the rejected responses
     train/rewards/margin        mean r_w - r_l
@@ -242,7 +242,8 @@ def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str,
         full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if not full.startswith(prompt_text):
             raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its prefix; cannot separate the response")
-        texts.append(full[len(prompt_text) :])
+        # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
+        texts.append(full[len(prompt_text) :].rstrip())
     return prompt_text, texts[0], texts[1], True
 
 
@@ -368,7 +369,7 @@ def reward_metrics(prefix: str, losses, chosen_rewards, rejected_rewards) -> dic
     rewards = torch.cat([chosen_rewards, rejected_rewards])
     return {
         f"{prefix}/loss": losses.mean().item(),
-        f"{prefix}/accuracy": (margin > 0).float().mean().item(),
+        f"{prefix}/rewards/accuracy": (margin > 0).float().mean().item(),
         f"{prefix}/rewards/chosen": chosen_rewards.mean().item(),
         f"{prefix}/rewards/rejected": rejected_rewards.mean().item(),
         f"{prefix}/rewards/margin": margin.mean().item(),
@@ -413,6 +414,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def enable_gradient_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
     """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
     os.makedirs(path, exist_ok=True)
@@ -444,10 +452,7 @@ def train(args: Args) -> dict:
     # the forward finds each row's last real token by this id (a multimodal config keeps its own in the text config)
     model.config.pad_token_id = model.config.get_text_config().pad_token_id = pad_id
     if args.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.config.use_cache = False
     state = None
     if args.resume_from:
@@ -555,7 +560,7 @@ def train(args: Args) -> dict:
         done = step + 1
         if eval_rows and ((args.eval_steps and done % args.eval_steps == 0) or done == total_steps):
             metrics.update(evaluate())
-        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.2f}")
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
         if done % args.logging_steps == 0 or done == total_steps:
             tqdm.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if run is not None:

@@ -8,11 +8,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The test models are tiny: extra intra-op threads only add synchronisation, and on shared cores
 # they spin against other processes (measured: 0.73 s vs 0.012 s per toy-model step on 2 busy cores).
 torch.set_num_threads(1)
+
+
+
+@pytest.fixture(scope="module")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """A snapshot of toy_world/model, one per test module."""
+    return Path(shutil.copytree(Path(__file__).resolve().parents[1] / "toy_world" / "model", tmp_path_factory.mktemp("toy") / "model"))
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(toy_model_dir):
+    return AutoTokenizer.from_pretrained(toy_model_dir)
+
 
 # Figures measured by the end-to-end tests, printed in pytest's closing summary (and so in CI's log).
 MEASURED: list[str] = []

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dpo import dpo_loss
+from helpers import sigmoid, softplus
 
 # (policy_chosen, policy_rejected, ref_chosen, ref_rejected): dyadic numbers, exact in float32 and float64,
 # so h is exact in both dtypes and the only rounding is inside the loss itself.
@@ -27,15 +28,6 @@ EPSILONS = [0.0, 0.1, 0.25, 0.5]
 # float32: beta is rounded to float32 (rel. 6e-8) and the relative condition number of softplus(-z) is <= max(1, |z|)
 # (|z| <= 9.25 here), plus a few ulp of op rounding: ~1e-6 worst case, so rtol 1e-5.
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
-
-
-def softplus(z: float) -> float:
-    """log(1 + e^z), overflow-free."""
-    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
-
-
-def sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def hand_h(pc, pr, rc, rr):

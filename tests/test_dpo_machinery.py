@@ -7,12 +7,7 @@ run, and no test depends on what its model outputs: every expected value is comp
 tokenizer or data.
 """
 
-import itertools
 import json
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,33 +17,16 @@ import torch
 from datasets import Dataset, load_dataset
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import dpo
+from helpers import CONFIGS, TOY, assert_same_weights, head, python
 
-ROOT = Path(__file__).resolve().parents[1]
-TOY = ROOT / "toy_world"
 FORMATS = ("pairs", "pairs_standard", "pairs_implicit")  # conversational, standard, implicit prompt (hh-rlhf)
 N_TRAIN, N_TEST = 64, 16  # rows of toy data the training runs use
 
 
 # --------------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="module")
-def toy_model_dir(tmp_path_factory) -> Path:
-    """A snapshot of toy_world/model."""
-    return Path(shutil.copytree(TOY / "model", tmp_path_factory.mktemp("toy") / "model"))
-
-
-@pytest.fixture(scope="module")
-def toy_tokenizer(toy_model_dir):
-    return AutoTokenizer.from_pretrained(toy_model_dir)
-
-
-def head(src: Path, dst: Path, n: int) -> None:
-    with open(src) as f:
-        dst.write_text("".join(itertools.islice(f, n)))
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """The first rows of the toy world's conversational pairs, as a local dataset with a train and a test split."""
@@ -84,13 +62,6 @@ def train_run(tmp_path_factory, toy_model_dir, data_dir):
     return run
 
 
-def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
 def assert_same_metrics(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) -> None:
     """All metrics but the wall-clock one."""
     keys = sorted(k for k in a if not k.startswith("perf/"))
@@ -114,14 +85,6 @@ def wrap_dpo_loss(monkeypatch, edit=lambda call, losses, policy_chosen_logps: lo
 
 
 # --------------------------------------------------------------------------- 1. batched log-probs
-TINY = dict(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=False),  # grouped-query attention, untied head
-    "gemma2": lambda: Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=5.0),  # the softcapping branch
-    "granite": lambda: GraniteConfig(**TINY, logits_scaling=4.0),
-    "cohere": lambda: CohereConfig(**TINY, logit_scale=0.5),
-}
 @pytest.fixture(scope="module", params=["toy", "llama", "gemma2", "granite", "cohere"])
 def logp_model(request, toy_model_dir):
     if request.param == "toy":
@@ -196,6 +159,23 @@ def test_tokenize_response_boundary(bpe_tokenizer, prompt, response, response_to
     assert tok.convert_ids_to_tokens(response_ids) == response_tokens
     assert prompt_ids == tok(prompt, add_special_tokens=special)["input_ids"][: len(prompt_ids)]
     assert (prompt_ids[0] == tok.bos_token_id) == (bpe_tokenizer.adds_bos and special)
+
+
+def test_template_layout_after_the_turn_end_is_not_scored():
+    """A chat template that writes a newline after the turn's end token (Qwen: "<|im_end|>\\n") gives a response that
+    ends with that token, once: not "<eos>\\n<eos>", which would put the last scored token (and a reward model's
+    score) where generation never stops."""
+    vocab = {"<eos>": 0, "u": 1, "a": 2, "x": 3, "y": 4, "\n": 5}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])), eos_token="<eos>")
+    tok._tokenizer.add_special_tokens(["<eos>"])
+    tok.chat_template = ("{% for m in messages %}{{ 'u' if m['role'] == 'user' else 'a' }}{{ m['content'] }}<eos>\n{% endfor %}"
+                         "{% if add_generation_prompt %}a{% endif %}")
+    row = {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}],
+           "rejected": [{"role": "assistant", "content": "yy"}]}
+    prompt, chosen, rejected, templated = dpo.row_texts(row, 0, tok)
+    assert (prompt, chosen, rejected, templated) == ("ux<eos>\na", "y<eos>", "yy<eos>", True)
+    _, response_ids = dpo.tokenize_response(tok, prompt, chosen, templated)
+    assert tok.convert_ids_to_tokens(response_ids) == ["y", "<eos>"]
 
 
 # --------------------------------------------------------------------------- 3. the three formats
@@ -405,10 +385,6 @@ def test_accumulation_longer_than_an_epoch_fails_clearly(train_run):
 
 
 # --------------------------------------------------------------------------- 6. the command line
-def python(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
-
-
 def test_help_lists_the_method_flags():
     result = python("dpo.py", "--help")
     assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ ROOT = toy.ROOT
 
 @pytest.fixture(scope="module")
 def reference():
-    return toy.exact_logprobs(toy.os.path.join(toy.TOY, "model"))
+    return toy.reference_logprobs()
 
 
 def measure(name: str, policy: dict, reference: dict, beta: float) -> dict:
@@ -46,7 +46,7 @@ def measure(name: str, policy: dict, reference: dict, beta: float) -> dict:
 
 
 def test_dpo_reaches_the_analytic_optimum_on_the_toy_world(tmp_path, reference):
-    """Target (issue 2): KL to the optimum falls to at most 20% of the reference's.
+    """Target: KL to the optimum falls to at most 20% of the reference's.
 
     beta = 1 puts the optimum E[r] well above the reference's while 16k Bradley-Terry pairs still pin r/beta down;
     at beta = 0.1 (the default run below) the optimum is nearly deterministic and the fit is noise-limited.
@@ -54,12 +54,13 @@ def test_dpo_reaches_the_analytic_optimum_on_the_toy_world(tmp_path, reference):
     learning rate or batch: the labels' noise, not the optimiser, set the floor.
     """
     beta = 1.0
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         dpo.train(dpo.Args(beta=beta, learning_rate=3e-4, num_train_epochs=3, eval_steps=0, logging_steps=10_000,
                            output_dir=str(tmp_path / "dpo"), device="cpu"))
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
     f = measure("dpo.py, 3 epochs", toy.exact_logprobs(tmp_path / "dpo"), reference, beta)
     assert f["kl_y"] <= 0.2 * f["kl_y_ref"]
     assert f["reward"] > f["reward_ref"]
@@ -72,4 +73,4 @@ def test_default_command_runs_and_moves_toward_the_optimum(tmp_path, reference):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "train: 16384 pairs kept of 16384" in run.stdout
     f = measure("python dpo.py (defaults)", toy.exact_logprobs(out), reference, dpo.Args().beta)
-    assert f["kl_y"] < 0.5 * f["kl_y_ref"]  # measured: about 21% of the reference's
+    assert f["kl_y"] < 0.5 * f["kl_y_ref"]  # measured: 27% of the reference's (2 epochs, 16k pairs)

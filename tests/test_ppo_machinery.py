@@ -21,14 +21,12 @@ import torch
 import wandb
 from datasets import Dataset
 from safetensors.torch import load_file
-from test_dpo_machinery import CONFIGS, TINY, assert_same_weights
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, LlamaConfig,
                           LlamaForSequenceClassification)
 
 import ppo_rlhf as ppo
+from helpers import CONFIGS, ROOT, TINY, TOY, assert_same_weights
 
-ROOT = Path(__file__).resolve().parents[1]
-TOY = ROOT / "toy_world"
 
 
 # --------------------------------------------------------------------------- shared fixtures
@@ -225,7 +223,7 @@ def test_metrics_are_logged_under_their_names(train_run, capsys):
                 "loss/policy", "loss/value", "val/error", "perf/tokens_per_sec", "train/lr", "train/grad_norm", "time/generate",
                 "time/update", "eval/score"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
-    assert metrics["objective/rlhf_reward"] == pytest.approx(metrics["objective/score"] - ppo.Args().beta * metrics["objective/kl"])
+    assert metrics["objective/rlhf_reward"] == pytest.approx(metrics["objective/score"] - train_run().args.beta * metrics["objective/kl"])
     assert metrics["objective/kl"] != 0 and metrics["policy/approxkl"] > 0  # the policy moved away from the reference
 
 
@@ -267,13 +265,22 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
 
 @pytest.mark.parametrize("config", [{"advantage_estimator": "rloo", "rloo_k": 2}, {"value_model_init": "policy", "kl_estimator": "k3"}],
                          ids=["rloo", "value_from_policy-k3"])
-def test_options_run(train_run, config):
+def test_options_run(train_run, config, monkeypatch):
+    """Each option reaches the code it names: the estimator kl_per_token is called with, the model the critic starts from."""
+    estimators, loaded = [], []
+    real_kl, real_load = ppo.kl_per_token, ppo.AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(ppo, "kl_per_token", lambda *a: estimators.append(a[2]) or real_kl(*a))
+    monkeypatch.setattr(ppo.AutoModelForSequenceClassification, "from_pretrained", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
     run = train_run(fresh=True, num_rollouts=2, save_steps=0, **config)
-    assert (run.out / "value_model").exists() == (config.get("advantage_estimator") != "rloo")
-    assert ("loss/value" in run.metrics) == (config.get("advantage_estimator") != "rloo")
-    if "rloo_k" in config:
+    rloo = config.get("advantage_estimator") == "rloo"
+    assert (run.out / "value_model").exists() == (not rloo)
+    assert ("loss/value" in run.metrics) == (not rloo)
+    assert set(estimators) == {config.get("kl_estimator", "k1")}
+    if rloo:
         assert run.metrics["train/episodes"] == 2 * BASE_ARGS["rollout_batch_size"] * 2
-    if config.get("kl_estimator") == "k3":
+        assert loaded == [run.args.reward_model_path]  # the reward model only: no critic
+    else:
+        assert loaded == [run.args.reward_model_path, run.args.model_name_or_path]  # the critic starts from the policy
         assert run.metrics["objective/kl"] >= 0  # k3 is non-negative token by token
 
 

@@ -85,7 +85,7 @@ def test_ppo_moves_toward_the_optimum_on_the_toy_world(tmp_path, toy_reward_mode
     rm, tokenizer = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL).eval(), AutoTokenizer.from_pretrained(REWARD_MODEL)
     r_rm = {p: reward_model_scores(rm, tokenizer, p) for p in world.PROMPTS}
     check_against_the_scripts_scoring(rm, tokenizer, r_rm)
-    reference, policy = toy.exact_logprobs(toy.os.path.join(toy.TOY, "model")), toy.exact_logprobs(tmp_path / "ppo")
+    reference, policy = toy.reference_logprobs(), toy.exact_logprobs(tmp_path / "ppo")
     optimum = {p: optimum_on_answers(reference[p], r_rm[p], args.beta) for p in world.PROMPTS}
 
     def kl_to_optimum(pi: dict) -> float:

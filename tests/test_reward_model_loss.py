@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from helpers import sigmoid, softplus
 from reward_model import reward_loss
 
 # (r_w, r_l, m): dyadic numbers, exact in float32 and float64, so d and s are exact in both dtypes.
@@ -25,15 +26,6 @@ COEFS = [0.0, 0.01, 0.5]
 # float64: a handful of correctly rounded ops, ~1e-15. float32: relative condition number of softplus(-d) is
 # <= max(1, |d|) <= 3 here, c s^2 <= 2 is a product of exact-ish numbers, plus a few ulp: 1e-6 relative at worst.
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
-
-
-def softplus(z: float) -> float:
-    """log(1 + e^z), overflow-free."""
-    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
-
-
-def sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def hand_loss(rw, rl, m, c):

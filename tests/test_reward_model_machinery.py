@@ -7,13 +7,9 @@ Everything runs on CPU. The toy world is copied once per module, since toy_world
 run, and every expected value is computed here from the same model, tokenizer or data.
 """
 
-import itertools
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,35 +21,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
 import reward_model as rm
+from helpers import TOY, assert_same_weights, head, python
 
-ROOT = Path(__file__).resolve().parents[1]
-TOY = ROOT / "toy_world"
 N_TRAIN, N_TEST = 64, 16  # rows of toy data the training runs use
 
 
 # --------------------------------------------------------------------------- shared fixtures
-def head(src: Path, dst: Path, n: int, margin=None) -> None:
-    """The first n rows of a jsonl file, each given margin(i) in a 'margin' column if asked."""
-    with open(src) as f:
-        rows = [json.loads(line) for line in itertools.islice(f, n)]
-    if margin is not None:
-        rows = [{**row, "margin": margin(i)} for i, row in enumerate(rows)]
-    dst.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
 def margin_of(i: int) -> float:
     return (i % 5) / 2  # 0, 0.5, ..., 2: a pattern any misalignment of rows and margins breaks
-
-
-@pytest.fixture(scope="module")
-def toy_model_dir(tmp_path_factory) -> Path:
-    """A snapshot of toy_world/model."""
-    return Path(shutil.copytree(TOY / "model", tmp_path_factory.mktemp("toy") / "model"))
-
-
-@pytest.fixture(scope="module")
-def toy_tokenizer(toy_model_dir):
-    return AutoTokenizer.from_pretrained(toy_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +40,8 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-BASE_ARGS = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=16,
-                 eval_steps=0, logging_steps=1000, device="cpu")  # 4 batches an epoch: step 3 -> 4 crosses an epoch
+BASE_ARGS = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=6,
+                 eval_steps=0, logging_steps=1000, device="cpu")  # 4 batches an epoch: step 3 -> 4 crosses an epoch; eval 6 + 6 + 4
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +64,6 @@ def train_run(tmp_path_factory, toy_model_dir, data_dir):
         return cache[key]
 
     return run
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
 
 
 def assert_same_metrics(a: dict, b: dict) -> None:
@@ -242,17 +210,26 @@ def test_bad_margins_raise(toy_tokenizer, value, match):
         rm.tokenize_pairs_with_margins([row], toy_tokenizer, 512, 256, "unit", "m")
 
 
-def test_margin_column_reaches_the_loss(train_run, monkeypatch):
+def test_margin_column_reaches_the_loss(train_run, monkeypatch, data_dir):
     """Over one epoch the loop hands reward_loss every train row's margin exactly once; without --margin_column, none.
-    The final evaluation uses the margin too: its loss differs from the margin-free run's at the same weights."""
+    The final evaluation uses the test rows' margins too: its loss is the margin loss of the saved model's scores."""
     calls = wrap_reward_loss(monkeypatch)
     with_margin = train_run(fresh=True, margin_column="margin", max_steps=4, save_steps=0)
     assert sorted(m for call in calls for m in call) == sorted(margin_of(i) for i in range(N_TRAIN))
     calls.clear()
-    without = train_run(fresh=True, max_steps=4, save_steps=0)
+    train_run(fresh=True, max_steps=4, save_steps=0)
     assert calls == [None] * 4
-    # the margins (mean 1 > 0) make every pair's loss larger: -log s(d - m) > -log s(d) for m > 0
-    assert with_margin.metrics["eval/loss"] > without.metrics["eval/loss"] + 0.1
+    model = AutoModelForSequenceClassification.from_pretrained(with_margin.out).eval()
+    tok = AutoTokenizer.from_pretrained(with_margin.out)
+    test = load_dataset("json", data_files=str(data_dir / "test.jsonl"), split="train")
+    rows = rm.tokenize_pairs_with_margins(test, tok, 512, 256, "test", "margin")
+    with torch.no_grad():
+        chosen, rejected = rm.pair_rewards(model, rm.collate(rows, tok.pad_token_id))
+    margins = torch.tensor([margin_of(i) for i in range(N_TEST)])
+    d = (chosen - rejected).double()
+    with_m, without_m = torch.nn.functional.softplus(margins - d).mean().item(), torch.nn.functional.softplus(-d).mean().item()
+    assert with_margin.metrics["eval/loss"] == pytest.approx(with_m, rel=1e-5)
+    assert with_m > without_m  # the margins (mean 1 > 0) raise every pair's loss: -log s(d - m) > -log s(d)
 
 
 def test_missing_columns_are_named(train_run, tmp_path, data_dir):
@@ -345,19 +322,15 @@ def test_resume_from_a_final_model_says_what_it_needs(train_run):
 def test_metrics_are_named_and_consistent(train_run):
     m = train_run().metrics
     for split in ("train", "eval"):
-        for key in ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/mean", "rewards/std"):
+        for key in ("loss", "rewards/accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/mean", "rewards/std"):
             assert math.isfinite(m[f"{split}/{key}"]), f"{split}/{key}"
     assert m["eval/rewards/margin"] == pytest.approx(m["eval/rewards/chosen"] - m["eval/rewards/rejected"], abs=1e-6)
     assert m["eval/rewards/mean"] == pytest.approx((m["eval/rewards/chosen"] + m["eval/rewards/rejected"]) / 2, abs=1e-6)
-    assert m["eval/accuracy"] * N_TEST == round(m["eval/accuracy"] * N_TEST)  # a fraction of the 16 held-out pairs
+    assert m["eval/rewards/accuracy"] * N_TEST == round(m["eval/rewards/accuracy"] * N_TEST)  # a fraction of the 16 held-out pairs
     assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec", "train/epoch"} <= m.keys()
 
 
 # --------------------------------------------------------------------------- 4. the command line
-def python(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
-
-
 def test_help_works_and_import_is_silent():
     """`python reward_model.py --help` imports the script (as __main__) and then prints tyro's help, so anything the
     import printed would come before "usage:" or on stderr. One subprocess instead of two: each pays for importing

@@ -1,5 +1,6 @@
 """Exact measurements on the toy world, shared by the end-to-end tests."""
 
+import functools
 import os
 import sys
 
@@ -20,6 +21,12 @@ def exact_logprobs(path) -> dict[str, np.ndarray]:
     """log pi(y|x) over Y + BOTTOM for every toy prompt, by enumeration."""
     model, tok = load(path)
     return {p: world.response_logprobs(model, tok, p) for p in world.PROMPTS}
+
+
+@functools.lru_cache(maxsize=1)
+def reference_logprobs() -> dict[str, np.ndarray]:
+    """exact_logprobs of the toy reference (toy_world/model), enumerated once per session."""
+    return exact_logprobs(os.path.join(TOY, "model"))
 
 
 def kl_to_optimum(policy: dict, ref: dict, beta: float) -> float:

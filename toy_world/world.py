@@ -20,6 +20,7 @@ dataset on disk). The generator `make_toy_world.py` and the tests use it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -158,19 +159,35 @@ def next_token_logprobs(model, tokenizer, prompt: str) -> list[np.ndarray]:
     Level by level with the KV cache: the 14**k prefixes of length k are the
     14**(k-1) cached prefixes of length k-1, each repeated 14 times and fed
     one more word, in canonical order.
+
+    Levels 3 and 4 run in pieces of two two-word prefixes, in the same order:
+    a whole level 4 would allocate over a gigabyte of fresh cache, whose page
+    faults cost as much as the arithmetic. The pieces give the same numbers
+    (the generator's output is byte-identical) in about 60% of the time.
     """
     device = next(model.parameters()).device
     word_ids = torch.tensor(tokenizer.convert_tokens_to_ids(WORDS), device=device)
-    out = model(input_ids=torch.tensor([prompt_ids(tokenizer, prompt)], device=device), use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    levels = [torch.log_softmax(logits.double(), -1).cpu().numpy()]
-    for k in range(1, MAX_WORDS + 1):
+
+    def extend(cache, rows: int):
+        """log pi(. | prefix + w) for each of the `rows` cached prefixes and each word w, and the extended cache."""
         cache.batch_repeat_interleave(len(WORDS))
-        ids = word_ids.repeat(len(WORDS) ** (k - 1))[:, None]  # (14**k, 1): the k-th word of each prefix
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        levels.append(torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy())
-    return levels
+        out = model(input_ids=word_ids.repeat(rows)[:, None], past_key_values=cache, use_cache=True)  # (rows * 14, 1)
+        return torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy(), out.past_key_values
+
+    out = model(input_ids=torch.tensor([prompt_ids(tokenizer, prompt)], device=device), use_cache=True)
+    cache, levels = out.past_key_values, [torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy()]
+    for k in (1, 2):
+        logp, cache = extend(cache, len(WORDS) ** (k - 1))
+        levels.append(logp)
+    assert MAX_WORDS == 4, "the pieces below are levels 3 and 4"
+    three, four = [], []
+    for first in range(0, len(WORDS) ** 2, 2):
+        piece = copy.deepcopy(cache)
+        piece.batch_select_indices(torch.tensor([first, first + 1], device=device))  # two two-word prefixes
+        logp, piece = extend(piece, 2)
+        three.append(logp)
+        four.append(extend(piece, 2 * len(WORDS))[0])
+    return levels + [np.concatenate(three), np.concatenate(four)]
 
 
 def response_logprobs(model, tokenizer, prompt: str) -> np.ndarray:

@@ -1,0 +1,58 @@
+"""Plain helpers that several test modules share. Fixtures live in conftest.py, exact toy-world measurements in toy.py."""
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "toy_world"
+
+# Tiny random causal LMs covering every branch of the scripts' logit code: Llama (grouped-query attention, untied
+# head), Gemma 2 (soft-capped logits), Granite and Cohere (scaled logits). TINY is their shared size: pad 0, eos 2.
+TINY = dict(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=False),
+    "gemma2": lambda: Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=5.0),
+    "granite": lambda: GraniteConfig(**TINY, logits_scaling=4.0),
+    "cohere": lambda: CohereConfig(**TINY, logit_scale=0.5),
+}
+
+
+def head(src: Path, dst: Path, n: int, margin=None) -> None:
+    """The first n rows of a jsonl file; with `margin`, each row i also gets margin(i) in a 'margin' column."""
+    with open(src) as f:
+        lines = list(itertools.islice(f, n))
+    if margin is not None:
+        lines = [json.dumps({**json.loads(line), "margin": margin(i)}) + "\n" for i, line in enumerate(lines)]
+    dst.write_text("".join(lines))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    """The two saved models' weights, tensor by tensor: identical, or within atol."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def softplus(z: float) -> float:
+    """log(1 + e^z), overflow-free."""
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def python(*argv: str) -> subprocess.CompletedProcess:
+    """A script run from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
