@@ -1,5 +1,6 @@
 """Shared test setup: `import dpo` works from any working directory, and CPU work stays single-threaded."""
 
+import os
 import shutil
 import sys
 import time
@@ -13,7 +14,9 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The test models are tiny: extra intra-op threads only add synchronisation, and on shared cores
 # they spin against other processes (measured: 0.73 s vs 0.012 s per toy-model step on 2 busy cores).
+# pytest-xdist (pytest.ini) uses the cores instead: one single-threaded worker each.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the scripts that tests run as subprocesses
 
 
 
@@ -24,19 +27,47 @@ def toy_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The first N_TRAIN / N_TEST rows of the toy world's conversational pairs, as a local dataset with two splits."""
+    from helpers import N_TEST, N_TRAIN, TOY, head
+
+    d = tmp_path_factory.mktemp("data")
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        head(TOY / "pairs" / f"{split}.jsonl", d / f"{split}.jsonl", n)
+    return d
+
+
+@pytest.fixture(scope="module")
 def toy_tokenizer(toy_model_dir):
     return AutoTokenizer.from_pretrained(toy_model_dir)
 
 
-# Figures measured by the end-to-end tests, printed in pytest's closing summary (and so in CI's log).
+# Figures measured by the end-to-end tests, printed in pytest's closing summary (and so in CI's log). Tests append
+# lines here; each test phase's report carries them away as user properties, which pytest-xdist ships from its
+# workers to the controller, where the summary is printed.
 MEASURED: list[str] = []
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    report.user_properties.extend(("measured", line) for line in MEASURED)
+    MEASURED.clear()
+
+
 def pytest_terminal_summary(terminalreporter):
-    if MEASURED:
+    reports = [r for kind in ("passed", "failed", "error", "") for r in terminalreporter.stats.get(kind, [])]
+    lines = [(r.nodeid, line) for r in reports for key, line in getattr(r, "user_properties", ()) if key == "measured"]
+    lines.sort(key=lambda pair: pair[0])  # stable: a test's lines keep their order
+    if lines:
         terminalreporter.section("measured on the toy world")
-        for line in MEASURED:
+        for _, line in lines:
             terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(items):
+    """The long end-to-end tests first, so that pytest-xdist's workers do not end on them one after another."""
+    items.sort(key=lambda item: not item.module.__name__.endswith("_toy_world"))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -14,6 +15,10 @@ from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "toy_world"
+N_TRAIN, N_TEST = 64, 16  # rows of toy pairs in the conftest `data_dir` fixture, which the short training runs use
+# Short pairwise runs: 4 batches an epoch, so the step 3 -> 4 checkpoint-and-resume crosses an epoch boundary
+SHORT_RUN = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=16,
+                 eval_steps=0, logging_steps=1000, device="cpu")
 
 # Tiny random causal LMs covering every branch of the scripts' logit code: Llama (grouped-query attention, untied
 # head), Gemma 2 (soft-capped logits), Granite and Cohere (scaled logits). TINY is their shared size: pad 0, eos 2.
@@ -56,3 +61,21 @@ def sigmoid(z: float) -> float:
 def python(*argv: str) -> subprocess.CompletedProcess:
     """A script run from the repository root, as a user runs it."""
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+
+
+def cached_runner(module, tmp_path_factory, **fixed):
+    """run(fresh=False, **overrides): module.train(module.Args(**fixed, **overrides)) into a fresh output_dir, returned
+    as a namespace (out, metrics, args). Calls with the same overrides share one run; fresh=True always trains anew."""
+    cache = {}
+
+    def run(fresh: bool = False, **overrides):
+        key = tuple(sorted(overrides.items()))
+        if fresh or key not in cache:
+            args = module.Args(**{**fixed, "output_dir": str(tmp_path_factory.mktemp("run")), **overrides})
+            result = SimpleNamespace(out=Path(args.output_dir), metrics=module.train(args), args=args)
+            if fresh:
+                return result
+            cache[key] = result
+        return cache[key]
+
+    return run

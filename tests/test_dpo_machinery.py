@@ -9,7 +9,6 @@ tokenizer or data.
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,46 +19,19 @@ from tokenizers import Tokenizer, models, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import dpo
-from helpers import CONFIGS, TOY, assert_same_weights, head, python
+from helpers import CONFIGS, N_TRAIN, SHORT_RUN, TOY, assert_same_weights, cached_runner, head, python
 
 FORMATS = ("pairs", "pairs_standard", "pairs_implicit")  # conversational, standard, implicit prompt (hh-rlhf)
-N_TRAIN, N_TEST = 64, 16  # rows of toy data the training runs use
 
 
-# --------------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """The first rows of the toy world's conversational pairs, as a local dataset with a train and a test split."""
-    d = tmp_path_factory.mktemp("data")
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        head(TOY / "pairs" / f"{split}.jsonl", d / f"{split}.jsonl", n)
-    return d
-
-
-BASE_ARGS = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=16,
-                 eval_steps=0, logging_steps=1000, device="cpu")  # 4 batches an epoch: step 3 -> 4 crosses an epoch
+# --------------------------------------------------------------------------- shared fixtures (data_dir: conftest.py)
+BASE_ARGS = SHORT_RUN
 
 
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_model_dir, data_dir):
-    """train_run(**overrides) runs dpo.train on the snapshots and returns a namespace (out, metrics, args).
-
-    Calls with the same overrides share one run; fresh=True always trains anew.
-    """
-    cache = {}
-
-    def run(fresh: bool = False, **overrides):
-        key = tuple(sorted(overrides.items()))
-        if fresh or key not in cache:
-            args = dpo.Args(**{**BASE_ARGS, "model_name_or_path": str(toy_model_dir), "dataset_name": str(data_dir),
-                               "output_dir": str(tmp_path_factory.mktemp("run")), **overrides})
-            result = SimpleNamespace(out=Path(args.output_dir), metrics=dpo.train(args), args=args)
-            if fresh:
-                return result
-            cache[key] = result
-        return cache[key]
-
-    return run
+    """train_run(fresh=False, **overrides): dpo.train on the snapshots (helpers.cached_runner)."""
+    return cached_runner(dpo, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir))
 
 
 def assert_same_metrics(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) -> None:

@@ -25,7 +25,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           LlamaForSequenceClassification)
 
 import ppo_rlhf as ppo
-from helpers import CONFIGS, ROOT, TINY, TOY, assert_same_weights
+from helpers import CONFIGS, ROOT, TINY, TOY, assert_same_weights, cached_runner
 
 
 
@@ -50,21 +50,9 @@ BASE_ARGS = dict(num_rollouts=4, save_steps=2, rollout_batch_size=8, per_device_
 
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_dirs):
-    """train_run(**overrides) runs ppo.train on the snapshots; calls with the same overrides share one run, fresh=True trains anew."""
-    cache = {}
-
-    def run(fresh: bool = False, **overrides):
-        key = tuple(sorted(overrides.items()))
-        if fresh or key not in cache:
-            args = ppo.Args(**{**BASE_ARGS, "model_name_or_path": str(toy_dirs.model), "reward_model_path": str(toy_dirs.rm),
-                               "dataset_name": str(toy_dirs.prompts), "output_dir": str(tmp_path_factory.mktemp("run")), **overrides})
-            result = SimpleNamespace(out=Path(args.output_dir), metrics=ppo.train(args), args=args)
-            if fresh:
-                return result
-            cache[key] = result
-        return cache[key]
-
-    return run
+    """train_run(fresh=False, **overrides): ppo.train on the snapshots (helpers.cached_runner)."""
+    return cached_runner(ppo, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_dirs.model), reward_model_path=str(toy_dirs.rm),
+                         dataset_name=str(toy_dirs.prompts))
 
 
 def without_timings(metrics: dict) -> dict:

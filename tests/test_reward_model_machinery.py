@@ -12,7 +12,6 @@ import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
 import reward_model as rm
-from helpers import TOY, assert_same_weights, head, python
+from helpers import TOY, assert_same_weights, cached_runner, head, python
 
 N_TRAIN, N_TEST = 64, 16  # rows of toy data the training runs use
 
@@ -46,24 +45,8 @@ BASE_ARGS = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_
 
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_model_dir, data_dir):
-    """train_run(**overrides) runs rm.train on the snapshots and returns a namespace (out, metrics, args).
-
-    Calls with the same overrides share one run; fresh=True always trains anew.
-    """
-    cache = {}
-
-    def run(fresh: bool = False, **overrides):
-        key = tuple(sorted(overrides.items()))
-        if fresh or key not in cache:
-            args = rm.Args(**{**BASE_ARGS, "model_name_or_path": str(toy_model_dir), "dataset_name": str(data_dir),
-                              "output_dir": str(tmp_path_factory.mktemp("run")), **overrides})
-            result = SimpleNamespace(out=Path(args.output_dir), metrics=rm.train(args), args=args)
-            if fresh:
-                return result
-            cache[key] = result
-        return cache[key]
-
-    return run
+    """train_run(fresh=False, **overrides): rm.train on the snapshots (helpers.cached_runner)."""
+    return cached_runner(rm, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir))
 
 
 def assert_same_metrics(a: dict, b: dict) -> None:

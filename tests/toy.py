@@ -50,3 +50,19 @@ def kl_to_optimum_on_answers(policy: dict, ref: dict, beta: float) -> float:
 
 def bottom_mass(policy: dict) -> float:
     return float(np.mean([np.exp(policy[p][-1]) for p in world.PROMPTS]))
+
+
+def win_rate_against_reference(prompt: str, ref: dict) -> np.ndarray:
+    """p(y > mu | x) = E_{y'~mu} sigmoid(r(y) - r(y')) over Y, with mu = pi_ref(.|Y), the answers' sampling distribution.
+
+    r takes a few dozen distinct values, so the sum runs over reward levels rather than over all 41,371 answers.
+    """
+    r, mu = world.reward_vector(prompt)[:-1], np.exp(on_answers(ref[prompt]))
+    levels, which = np.unique(r, return_inverse=True)
+    mass = np.bincount(which, weights=mu)  # mu(r = level)
+    return (mass[None, :] / (1 + np.exp(-(levels[:, None] - levels[None, :])))).sum(1)[which]
+
+
+def ipo_optimum_on_answers(ref: dict, beta: float) -> dict[str, np.ndarray]:
+    """IPO's population minimiser on Y: pi*(y) ∝ pi_ref(y|Y) exp(p(y > mu)/beta), per prompt (arXiv:2310.12036)."""
+    return {p: world.optimum_logprobs(on_answers(ref[p]), win_rate_against_reference(p, ref), beta) for p in world.PROMPTS}

@@ -1,0 +1,610 @@
+"""SLiC-HF: Sequence Likelihood Calibration with Human Feedback, in one file.
+
+Paper: Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human
+Feedback", https://arxiv.org/abs/2305.10425 (the calibration loss of Zhao et al.
+2022, https://arxiv.org/abs/2210.00045, applied to human preference pairs)
+
+Objective (the rank calibration loss with cross-entropy regularisation):
+
+    L = max(0, delta - log pi(y_w|x) + log pi(y_l|x)) - lambda * log pi(y_ref|x)
+
+The hinge asks the policy to rank every chosen answer at least delta nats above
+its rejected one and stops pushing once it does. The second term keeps the
+model on a reference target sequence y_ref: the SFT target where the data has
+one, else the chosen answer. There is no reference *model*: only the policy is
+held in memory, which is SLiC-HF's efficiency argument against RLHF and DPO.
+
+Conventions and deviations
+- log pi(y|x) is summed over response tokens (prompt and padding masked), as in
+  the paper's sequence likelihoods.
+- y_ref comes from `--target_column` (default `sft_target`, same format as
+  `chosen`) where the dataset has that column, otherwise it is the chosen
+  answer, whose log-prob is then reused rather than recomputed. Every row
+  must then have a target: a missing one stops the run, naming the row.
+- This is not TRL's loss_type="hinge", which puts beta-scaled log-ratios
+  against a reference model inside the hinge; SLiC-HF has no log-ratios.
+- The paper also ranks decoded samples with a ranking model (SLiC-HF-sample-rank);
+  this file trains on given pairs (SLiC-HF-direct). Pairs produced offline by
+  sampling and ranking are just another preference dataset.
+- The data formats, `<eos>` handling, truncation, counted skips and the
+  implicit-prompt split are dpo.py's machinery, copied unchanged. A target
+  column needs an explicit prompt column.
+
+Usage
+    python slic_hf.py                                # the embedded toy world, any CPU, under a minute
+    python slic_hf.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 5e-7 \\
+        --per_device_train_batch_size 8 --gradient_accumulation_steps 4 \\
+        --max_length 1024 --num_train_epochs 1 --eval_steps 200 --save_steps 500 \\
+        --gradient_checkpointing --output_dir runs/slic-qwen
+    python slic_hf.py --resume_from runs/slic_hf/checkpoint-100   # continue a run exactly
+
+Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
+    train/loss                  mean SLiC-HF loss (hinge + regulariser)
+    train/hinge                 mean max(0, delta - margin), the calibration part alone
+    train/logps/chosen          summed log pi(y_w|x) under the policy
+    train/logps/rejected        summed log pi(y_l|x)
+    train/logps/target          summed log pi(y_ref|x) (the chosen answer's when there is no target column)
+    train/logps/margin          log pi(y_w|x) - log pi(y_l|x)
+    train/logps/accuracy        fraction of pairs with margin > 0
+    train/logps/margin_met      fraction of pairs with margin >= delta (the hinge is inactive)
+    train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
+    train/epoch                 fractional epoch
+    perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
+    eval/...                    the same quantities on the held-out split, every --eval_steps
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+from datasets import DatasetDict, load_dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # ---- model and data
+    model_name_or_path: str = "toy_world/model"
+    """policy to train: a hub name or a local directory (a relative path is also looked up next to this file)"""
+    dataset_name: str = "toy_world/pairs"
+    """preference data: a hub name, a local directory, or a .json/.jsonl/.parquet/.csv file"""
+    dataset_config: Optional[str] = None
+    """the dataset's configuration name, if it has several"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """held-out split; if the dataset has none, `eval_holdout` rows of the train split are held out"""
+    eval_holdout: int = 512
+    """rows held out from the train split when the dataset has no `eval_split` (0: no evaluation)"""
+    max_length: int = 512
+    """longest prompt + response in tokens"""
+    max_prompt_length: int = 256
+    """tokens kept from the end of a prompt when a row is longer than max_length"""
+    target_column: str = "sft_target"
+    """column holding the regularisation target y_ref (same format as 'chosen'); if absent, y_ref is the chosen answer"""
+    # ---- SLiC-HF
+    delta: float = 1.0
+    """delta, the ranking margin in nats: the hinge stops once log pi(y_w|x) - log pi(y_l|x) >= delta"""
+    lambda_reg: float = 0.5
+    """lambda, the weight of the cross-entropy regulariser -log pi(y_ref|x) (0 = the hinge alone)"""
+    # ---- optimisation
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
+    num_train_epochs: int = 2
+    """passes over the training pairs"""
+    max_steps: int = -1
+    """if > 0, the number of optimizer steps, overriding num_train_epochs"""
+    per_device_train_batch_size: int = 32
+    """pairs per micro-batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    per_device_eval_batch_size: int = 64
+    """pairs per evaluation batch"""
+    warmup_ratio: float = 0.1
+    """fraction of steps with linear warmup; the rest decays linearly to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+    group_by_length: bool = True
+    """batch rows of similar length (within shuffled mega-batches) to cut padding"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    bf16: bool = True
+    """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
+    device: str = "auto"
+    """'auto' picks cuda, then mps, then cpu"""
+    # ---- logging, evaluation, saving
+    logging_steps: int = 10
+    """print metrics every this many optimizer steps"""
+    eval_steps: int = 100
+    """evaluate on the held-out split every this many steps (0 = only at the end)"""
+    save_steps: int = 0
+    """save a resumable checkpoint every this many steps (0 = only the final model)"""
+    output_dir: str = "runs/slic_hf"
+    """where the final model and checkpoints go"""
+    resume_from: Optional[str] = None
+    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from"""
+    seed: int = 1
+    """seed for python, numpy and torch, the data order and the held-out split"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "single-file-alignment"
+    """wandb project"""
+    run_name: Optional[str] = None
+    """wandb run name"""
+
+
+# --------------------------------------------------------------------------- the method
+def slic_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    policy_target_logps: torch.Tensor,
+    delta: float,
+    lambda_reg: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLiC-HF loss per pair: rank calibration hinge plus cross-entropy on the target (arXiv:2305.10425, Sec. 2).
+
+    Inputs are summed response log-probs under the policy, each (B,): chosen
+    y_w, rejected y_l, and the regularisation target y_ref. Returns losses (B,),
+    hinge (B,) and margins (B,) = log pi(y_w) - log pi(y_l), the last two detached.
+    """
+    margins = policy_chosen_logps - policy_rejected_logps  # (B,)
+    hinge = torch.clamp(delta - margins, min=0.0)  # (B,) zero once y_w leads y_l by delta nats
+    losses = hinge - lambda_reg * policy_target_logps  # (B,)
+    return losses, hinge.detach(), margins.detach()
+
+
+# --------------------------------------------------------------------------- data
+FORMATS = (
+    "accepted preference formats:\n"
+    "  standard:        prompt, chosen, rejected as strings\n"
+    "  conversational:  prompt, chosen, rejected as lists of {'role', 'content'} messages\n"
+    "  implicit prompt: chosen, rejected only (strings or message lists), sharing the prompt as a prefix"
+)
+
+
+def resolve_path(name: str) -> str:
+    """A local path as given, else relative to this file (so the toy-world defaults work from any cwd), else a hub name."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    return name if os.path.exists(name) or not os.path.exists(here) else here
+
+
+def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
+    """(train, eval) datasets from a hub name, a local directory or a data file."""
+    path = resolve_path(name)
+    if os.path.isfile(path):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
+        if kind is None:
+            raise ValueError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
+        data = DatasetDict({"train": load_dataset(kind, data_files=path, split="train")})
+    else:
+        data = load_dataset(path, config)
+    if train_split not in data:
+        raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
+    if eval_split in data:
+        return data[train_split], data[eval_split]
+    if holdout == 0:
+        print(f"no {eval_split!r} split in {name!r} and eval_holdout=0: no evaluation")
+        return data[train_split], None
+    print(f"no {eval_split!r} split in {name!r}: holding out {holdout} rows of {train_split!r} for evaluation")
+    parts = data[train_split].train_test_split(test_size=holdout, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def is_conversation(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def check_columns(dataset, name: str) -> None:
+    """Stop early, naming the problem, if the columns fit none of the accepted formats."""
+    cols = set(dataset.column_names)
+    missing = [c for c in ("chosen", "rejected") if c not in cols]
+    if missing:
+        raise ValueError(f"dataset {name!r} has no column {missing[0]!r} (columns: {sorted(cols)}).\n{FORMATS}")
+
+
+def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str, bool]]:
+    """(prompt, chosen, rejected, templated) as text, whichever format the row is in; None if a part is empty."""
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    chat = is_conversation(chosen)
+    for col, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if value is None and col == "prompt":
+            continue
+        if not (is_conversation(value) if chat else isinstance(value, str)):
+            kind = "a list of {'role', 'content'} messages" if chat else "a string"
+            raise ValueError(f"row {index}: column {col!r} should be {kind} like 'chosen', got {type(value).__name__}: {str(value)[:80]!r}\n{FORMATS}")
+    if prompt is None:  # implicit prompt: the shared prefix of chosen and rejected
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+    if not prompt or (chat and not (chosen and rejected)):  # an empty text answer is kept: it is scored as its <eos>
+        return None
+    if not chat:
+        return prompt, chosen, rejected, False
+    if tokenizer.chat_template is None:
+        raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for response in (chosen, rejected):
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its prefix; cannot separate the response")
+        # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
+        texts.append(full[len(prompt_text) :].rstrip())
+    return prompt_text, texts[0], texts[1], True
+
+
+def split_implicit_prompt(chosen, rejected):
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text."""
+    n = 0
+    if isinstance(chosen, list):  # keep at least the last message as the response
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = max(chosen.rfind(" ", 0, n), 0)  # back up to a word boundary: "Assistant: I like" vs "... I hate"
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos).
+
+    A merge across the boundary changes the prompt's last tokens; the tokens
+    from the first difference on are the response (TRL does the same).
+    """
+    add_special = not templated  # a chat template already writes its own bos
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    full_ids = tokenizer(prompt + response, add_special_tokens=add_special)["input_ids"]
+    n = 0
+    while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+        n += 1
+    response_ids = full_ids[n:]
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # an empty answer is its <eos> alone
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return full_ids[:n], response_ids
+
+
+def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str, target_column: Optional[str]) -> list[dict]:
+    """dpo.py's tokenize_pairs, plus each kept pair's target y_ref when the data has a target column.
+
+    Without one, rows carry no target and the chosen answer serves as y_ref.
+    """
+    rows, skipped, truncated, empty = [], Counter(), 0, 0
+    for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
+        texts = row_texts(row, i, tokenizer)
+        if texts is None:
+            skipped["empty prompt or response"] += 1
+            continue
+        prompt, chosen, rejected, templated = texts
+        if chosen == rejected:
+            skipped["chosen equals rejected"] += 1
+            continue
+        (pc, c), (pr, r) = (tokenize_response(tokenizer, prompt, x, templated) for x in (chosen, rejected))
+        if not (pc and pr):  # the whole prompt merged into the response: nothing to condition on
+            skipped["empty prompt or response"] += 1
+            continue
+        if max(len(pc) + len(c), len(pr) + len(r)) > max_length:
+            truncated += 1
+            # keep the end of the prompt (the question next to the answer), then the start of each response
+            pc, pr = pc[-max_prompt_length:], pr[-max_prompt_length:]
+            c, r = c[: max_length - len(pc)], r[: max_length - len(pr)]
+        if pc + c == pr + r:  # different texts, same tokens (after truncation, or "a  b" vs "a b"): no preference left
+            skipped["identical once tokenized or truncated"] += 1
+            continue
+        empty += (c == [tokenizer.eos_token_id]) + (r == [tokenizer.eos_token_id])
+        kept = {"chosen": pc + c, "chosen_start": len(pc), "rejected": pr + r, "rejected_start": len(pr), "index": len(rows)}
+        if target_column is not None:
+            target = row[target_column]
+            if row.get("prompt") is None:
+                raise ValueError(f"row {i}: a {target_column!r} target needs an explicit 'prompt' column (implicit-prompt rows have none)")
+            if is_conversation(target) != is_conversation(row["chosen"]) or not (is_conversation(target) or isinstance(target, str)):
+                raise ValueError(f"row {i}: column {target_column!r} should be in the same format as 'chosen', got {type(target).__name__}: {str(target)[:80]!r}")
+            texts = row_texts({"prompt": row["prompt"], "chosen": target, "rejected": row["rejected"]}, i, tokenizer)
+            if texts is None:  # an empty message list: nothing to regularise toward
+                skipped["empty target"] += 1
+                continue
+            pt, t = tokenize_response(tokenizer, texts[0], texts[1], templated)
+            if len(pt) + len(t) > max_length:  # the same rule as for the answers
+                pt = pt[-max_prompt_length:]
+                t = t[: max_length - len(pt)]
+            kept.update(target=pt + t, target_start=len(pt))
+        rows.append(kept)
+    report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+    print(f"{desc}: {len(rows)} pairs kept of {len(dataset)} ({empty} empty responses scored as <eos> alone); "
+          f"{truncated} truncated to {max_length} tokens; skipped: {report}")
+    if not rows:
+        raise ValueError(f"no usable pairs in the {desc} split")
+    return rows
+
+
+def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """One epoch of batches (row indices), a pure function of (seed, epoch) so a resumed run replays it exactly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    if group_by_length:  # sort within mega-batches of 64 batches, then shuffle the batches
+        mega = 64 * batch_size
+        length = lambda i: max(len(rows[i]["chosen"]), len(rows[i]["rejected"]))  # noqa: E731
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=length, reverse=True)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def collate_triples(rows: list[dict], pad_id: int) -> dict:
+    """Chosen, rejected, then (if the rows have them) target sequences in one right-padded batch of 2B or 3B rows.
+
+    `targets` holds the next token at each position and -100 where it is not
+    a response token, so log-probs are gathered at response positions only.
+    """
+    parts = ("chosen", "rejected", "target") if "target" in rows[0] else ("chosen", "rejected")
+    seqs = [r[part] for part in parts for r in rows]
+    starts = [r[f"{part}_start"] for part in parts for r in rows]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for b, (seq, start) in enumerate(zip(seqs, starts)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention_mask[b, : len(seq)] = 1
+        targets[b, start - 1 : len(seq) - 1] = torch.tensor(seq[start:])  # position t predicts token t+1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "index": torch.tensor([r["index"] for r in rows])}
+
+
+# --------------------------------------------------------------------------- log-probs
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the response tokens of each row, and their counts.
+
+    The transformer body runs on the whole batch (N, T); the LM head and a
+    float32 log-softmax run only at the positions that predict a response
+    token, so no (N, T, V) logits tensor is ever built.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+    mask = targets != -100  # (N, T)
+    logits = model.get_output_embeddings()(hidden[mask]).float()  # (M, V), M = response tokens in the batch
+    config = model.config.get_text_config()  # what each model's forward does to its logits after the LM head:
+    if getattr(config, "logits_scaling", None):  # Granite divides them
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):  # Cohere multiplies them
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    token_logps = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
+    sums = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, row, token_logps)  # (N,)
+    return sums, mask.sum(-1)
+
+
+def triple_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen, rejected, target) summed log-probs, each (B,), from one forward; target is chosen when there is none."""
+    sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    parts = sums.chunk(len(sums) // len(batch["index"]))  # 2 or 3 blocks of B
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else parts[0]
+
+
+# --------------------------------------------------------------------------- training
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def slic_metrics(prefix: str, losses, hinge, margins, policy_chosen, policy_rejected, policy_target, delta: float) -> dict:
+    return {
+        f"{prefix}/loss": losses.mean().item(),
+        f"{prefix}/hinge": hinge.mean().item(),
+        f"{prefix}/logps/chosen": policy_chosen.detach().mean().item(),
+        f"{prefix}/logps/rejected": policy_rejected.detach().mean().item(),
+        f"{prefix}/logps/target": policy_target.detach().mean().item(),
+        f"{prefix}/logps/margin": margins.mean().item(),
+        f"{prefix}/logps/accuracy": (margins > 0).float().mean().item(),
+        f"{prefix}/logps/margin_met": (margins >= delta).float().mean().item(),
+    }
+
+
+def enable_gradient_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    if state is not None:
+        torch.save(state, os.path.join(path, "training_state.pt"))
+
+
+def train(args: Args) -> dict:
+    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
+        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    use_bf16 = args.bf16 and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    # ---- the policy and tokenizer: no reference model, which is the point
+    policy_path = resolve_path(args.resume_from or args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {policy_path!r} has no eos token; responses need one")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    policy.config.use_cache = False
+    state = None
+    if args.resume_from:
+        state_file = os.path.join(policy_path, "training_state.pt")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps (output_dir/checkpoint-N); "
+                                    f"{policy_path!r} has no training_state.pt")
+        state = torch.load(state_file, weights_only=False)
+
+    # ---- data
+    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
+    check_columns(train_data, args.dataset_name)
+    target_column = args.target_column if args.target_column in train_data.column_names else None
+    print(f"y_ref: column {target_column!r}" if target_column else f"y_ref: the chosen answer (no {args.target_column!r} column)")
+    train_rows = tokenize_triples(train_data, tokenizer, args.max_length, args.max_prompt_length, "train", target_column)
+    eval_rows = []
+    if eval_data is not None:
+        check_columns(eval_data, args.dataset_name)
+        if target_column is not None and target_column not in eval_data.column_names:
+            raise ValueError(f"the train split has a {target_column!r} column and the eval split does not")
+        eval_rows = tokenize_triples(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval", target_column)
+    batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
+    if batches_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError(f"{len(train_rows)} training pairs make {batches_per_epoch} micro-batches of {args.per_device_train_batch_size}, "
+                         f"fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+
+    def batch_losses(batch: dict):
+        """SLiC-HF losses of one batch, with the diagnostics step metrics need."""
+        with autocast():
+            chosen, rejected, target = triple_logps(policy, batch)
+        losses, hinge, margins = slic_loss(chosen, rejected, target, args.delta, args.lambda_reg)
+        return losses, hinge, margins, chosen, rejected, target
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        policy.eval()
+        totals, count = Counter(), 0
+        for s in range(0, len(eval_rows), args.per_device_eval_batch_size):
+            batch = to_device(collate_triples(eval_rows[s : s + args.per_device_eval_batch_size], pad_id), device)
+            out = batch_losses(batch)
+            n = len(out[0])
+            totals.update({k: v * n for k, v in slic_metrics("eval", *out, args.delta).items()})
+            count += n
+        policy.train()
+        return {k: v / count for k, v in totals.items()}
+
+    # ---- optimizer and schedule: linear warmup, then linear decay to 0
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    warmup = int(args.warmup_ratio * total_steps)
+
+    def lr_factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"resumed from {args.resume_from} at step {start_step}")
+
+    run = None
+    if args.track:
+        import wandb  # imported here so that importing this file stays silent and fast
+
+        run = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
+
+    # ---- the loop
+    orders: dict[int, list[list[int]]] = {}
+
+    def micro_batches(step: int):
+        """The micro-batches of optimizer step `step`, wherever the epoch boundaries fall."""
+        per_epoch = steps_per_epoch * args.gradient_accumulation_steps
+        for m in range(args.gradient_accumulation_steps):
+            epoch, i = divmod(step * args.gradient_accumulation_steps + m, per_epoch)
+            if epoch not in orders:
+                orders[epoch] = batch_order(train_rows, args.per_device_train_batch_size, args.seed, epoch, args.group_by_length)
+            yield epoch + i / per_epoch, [train_rows[j] for j in orders[epoch][i]]
+
+    policy.train()
+    metrics: dict = {}
+    last_good = args.resume_from
+    progress = tqdm(range(start_step, total_steps), desc="slic_hf", initial=start_step, total=total_steps)
+    for step in progress:
+        t0, tokens, sums = time.perf_counter(), 0, Counter()
+        for epoch, rows in micro_batches(step):
+            batch = to_device(collate_triples(rows, pad_id), device)
+            out = batch_losses(batch)
+            loss = out[0].mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
+            (loss / args.gradient_accumulation_steps).backward()
+            tokens += int(batch["attention_mask"].sum())
+            sums.update(slic_metrics("train", *out, args.delta))
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        metrics = {k: v / args.gradient_accumulation_steps for k, v in sums.items()}
+        metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
+                        "perf/tokens_per_sec": tokens / (time.perf_counter() - t0)})
+        done = step + 1
+        if eval_rows and ((args.eval_steps and done % args.eval_steps == 0) or done == total_steps):
+            metrics.update(evaluate())
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/logps/accuracy']:.2f}")
+        if done % args.logging_steps == 0 or done == total_steps:
+            tqdm.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if run is not None:
+            run.log(metrics, step=done)
+        if args.save_steps and done % args.save_steps == 0 and done < total_steps:
+            last_good = os.path.join(args.output_dir, f"checkpoint-{done}")
+            save(last_good, policy, tokenizer, args, {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                                      "rng": rng_state()})
+    save(args.output_dir, policy, tokenizer, args)
+    if run is not None:
+        run.finish()
+    return metrics
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args, use_underscores=True))

@@ -1,0 +1,215 @@
+"""The training loops of ipo.py and slic_hf.py: what each promises about saving, loading, resuming, determinism,
+non-finite steps and the command line, and the parts that are theirs alone (IPO's per-token averaging, SLiC-HF's
+target column and its single model).
+
+The data helpers both scripts share with dpo.py are byte-identical copies (test_copies_identical.py), so their
+tokenization, formats and batched log-probs are tested once, in test_dpo_machinery.py.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import ipo
+import slic_hf
+from helpers import SHORT_RUN, assert_same_weights, cached_runner, python
+
+MODULES = {"ipo": ipo, "slic_hf": slic_hf}
+LOSSES = {"ipo": "ipo_loss", "slic_hf": "slic_loss"}
+BASE_ARGS = SHORT_RUN
+P = "<|user|> how was the food ? <|assistant|>"
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, toy_model_dir, data_dir):
+    """train_run(name, fresh=False, **overrides): that script's train() on the snapshots (helpers.cached_runner)."""
+    runners = {name: cached_runner(module, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir))
+               for name, module in MODULES.items()}
+    return lambda name, **kwargs: runners[name](**kwargs)
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
+
+
+def wrap_loss(monkeypatch, name: str, edit=lambda call, losses: losses) -> list:
+    """Route the script's loss through `edit` on training calls (those with gradients); record their inputs."""
+    module = MODULES[name]
+    calls, real = [], getattr(module, LOSSES[name])
+
+    def wrapped(*tensors, **kwargs):
+        out = real(*tensors, **kwargs)
+        if tensors[0].requires_grad:  # evaluation runs under no_grad
+            calls.append([t.detach().clone() for t in tensors if torch.is_tensor(t)])
+            out = (edit(len(calls), out[0]), *out[1:])
+        return out
+
+    monkeypatch.setattr(module, LOSSES[name], wrapped)
+    return calls
+
+
+# --------------------------------------------------------------------------- both scripts
+@pytest.mark.parametrize("name", MODULES)
+def test_saved_model_loads(train_run, toy_model_dir, toy_tokenizer, name):
+    run = train_run(name)
+    for path in (run.out, run.out / "checkpoint-3"):
+        assert json.loads((path / "args.json").read_text()) == asdict(run.args)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert all(torch.equal(model.state_dict()[k], w) for k, w in load_file(path / "model.safetensors").items())
+        assert AutoTokenizer.from_pretrained(path)(P)["input_ids"] == toy_tokenizer(P)["input_ids"]
+    before, after = load_file(toy_model_dir / "model.safetensors"), load_file(run.out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_resume_replays_the_run_exactly(train_run, monkeypatch, capsys, name):
+    full = train_run(name)
+    checkpoint = full.out / "checkpoint-3"
+    calls = wrap_loss(monkeypatch, name)
+    resumed = train_run(name, fresh=True, resume_from=str(checkpoint))
+    assert f"resumed from {checkpoint} at step 3" in capsys.readouterr().out
+    assert len(calls) == 3  # only steps 4-6 ran
+    assert_same_weights(full.out, resumed.out)
+    assert without_timing(resumed.metrics) == without_timing(full.metrics)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_same_seed_same_weights(train_run, name):
+    first, again = train_run(name), train_run(name, fresh=True)
+    assert_same_weights(first.out, again.out)
+    assert without_timing(first.metrics) == without_timing(again.metrics)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, name):
+    wrap_loss(monkeypatch, name, lambda call, losses: losses * float("nan") if call == 5 else losses)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 4") as info:
+        train_run(name, fresh=True, output_dir=str(tmp_path / "run"))
+    assert str(tmp_path / "run" / "checkpoint-3") in str(info.value)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, flags", [("ipo", ("--beta", "--average_log_probs")),
+                                         ("slic_hf", ("--delta", "--lambda_reg", "--target_column"))])
+def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
+    """`python X.py --help` imports the script as __main__, so anything the import printed would precede "usage:"."""
+    result = python(f"{name}.py", "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith(f"usage: {name}.py")
+    assert all(flag in result.stdout for flag in flags)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_default_command_runs(tmp_path, name):
+    """The default command on the whole toy world, capped at 20 steps: every default parses, all 16,384 pairs are
+    kept, and the saved model loads. (What the full default run reaches: benchmarks/toy_defaults.py.)"""
+    result = python(f"{name}.py", "--max_steps", "20", "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: 16384 pairs kept of 16384" in result.stdout and "step 20:" in result.stdout
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- ipo.py
+def test_ipo_metrics_are_implicit_rewards(train_run):
+    m = train_run("ipo").metrics
+    assert m["train/rewards/margin"] == pytest.approx(m["train/rewards/chosen"] - m["train/rewards/rejected"], abs=1e-6)
+    assert {"train/loss", "train/rewards/accuracy", "train/logps/chosen", "train/logps/rejected", "train/lr"} <= m.keys()
+
+
+def test_average_log_probs_divides_by_token_counts(train_run, monkeypatch, toy_model_dir, data_dir):
+    """With --average_log_probs the loss receives summed log-probs divided by each response's token count, for the
+    policy and the reference alike; without it, the sums. Checked on the first training step against log-probs
+    computed here, response by response, from the same starting model."""
+    calls = {}
+    for average in (False, True):
+        calls[average] = wrap_loss(monkeypatch, "ipo")
+        train_run("ipo", fresh=True, average_log_probs=average, max_steps=1, save_steps=0)
+    model, tok = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(), AutoTokenizer.from_pretrained(toy_model_dir)
+    data = ipo.load_splits(str(data_dir), None, "train", "test", 0, 1)[0]
+    rows = ipo.tokenize_pairs(data, tok, 512, 256, "train")
+    first = [rows[i] for i in ipo.batch_order(rows, BASE_ARGS["per_device_train_batch_size"], 1, 0, True)[0]]
+    with torch.no_grad():
+        sums, counts = ipo.sequence_logps(model, **{k: v for k, v in ipo.collate(first, tok.pad_token_id).items() if k != "index"})
+    chosen_sum, rejected_sum = sums.chunk(2)
+    chosen_n, rejected_n = counts.chunk(2)
+    summed, averaged = calls[False][0], calls[True][0]
+    for got, want in ((summed, (chosen_sum, rejected_sum, chosen_sum, rejected_sum)),
+                      (averaged, (chosen_sum / chosen_n, rejected_sum / rejected_n, chosen_sum / chosen_n, rejected_sum / rejected_n))):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    assert not torch.allclose(summed[0], averaged[0])  # answers longer than one token exist in the batch
+
+
+# --------------------------------------------------------------------------- slic_hf.py
+def test_slic_loads_one_model(train_run, monkeypatch):
+    """No reference model: exactly one from_pretrained of a causal LM per run (the policy)."""
+    loads, real = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(slic_hf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    train_run("slic_hf", fresh=True, max_steps=1, save_steps=0)
+    assert len(loads) == 1
+
+
+def test_slic_metrics_are_log_probs(train_run):
+    m = train_run("slic_hf").metrics
+    assert not any("rewards" in k for k in m)  # reference-free: logps/..., never rewards
+    for split in ("train", "eval"):
+        assert m[f"{split}/logps/margin"] == pytest.approx(m[f"{split}/logps/chosen"] - m[f"{split}/logps/rejected"], abs=1e-5)
+        assert m[f"{split}/logps/target"] == m[f"{split}/logps/chosen"]  # no target column: y_ref is the chosen answer
+        assert 0 <= m[f"{split}/logps/margin_met"] <= m[f"{split}/logps/accuracy"] <= 1  # delta > 0
+        assert m[f"{split}/loss"] == pytest.approx(m[f"{split}/hinge"] - 0.5 * m[f"{split}/logps/target"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def target_data(tmp_path_factory, data_dir) -> Path:
+    """The same pairs, all asked "how was the food ?", with an sft_target column: 'great food' for every row."""
+    d = tmp_path_factory.mktemp("target")
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({**r, "prompt": [{"role": "user", "content": "how was the food ?"}],
+                                                              "sft_target": [{"role": "assistant", "content": "great food"}]}) + "\n"
+                                                  for r in rows))
+    return d
+
+
+def test_slic_target_column_is_the_regulariser(train_run, monkeypatch, target_data, toy_model_dir, capsys):
+    """With an sft_target column the regulariser's log-probs are those of the target, computed here directly."""
+    calls = wrap_loss(monkeypatch, "slic_hf")
+    run = train_run("slic_hf", fresh=True, dataset_name=str(target_data), max_steps=1, save_steps=0)
+    assert "y_ref: column 'sft_target'" in capsys.readouterr().out
+    model, tok = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(), AutoTokenizer.from_pretrained(toy_model_dir)
+    ids = tok(P + " great food <|end|>", add_special_tokens=False)["input_ids"]
+    start = len(tok(P, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logps = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = sum(logps[t - 1, ids[t]] for t in range(start, len(ids)))
+    target = calls[0][2]
+    torch.testing.assert_close(target, torch.full_like(target, want.item()), rtol=0, atol=1e-5)
+    assert run.metrics["eval/logps/target"] != run.metrics["eval/logps/chosen"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: {k: v for k, v in r.items() if k != "prompt"} | {
+        "chosen": [{"role": "user", "content": "how was the food ?"}, *r["chosen"]],
+        "rejected": [{"role": "user", "content": "how was the food ?"}, *r["rejected"]]}, "needs an explicit 'prompt' column"),
+    (lambda r: r | {"sft_target": "great food"}, "should be in the same format as 'chosen'"),
+], ids=["implicit-prompt", "text-target-for-chat-data"])
+def test_slic_bad_targets_raise(toy_tokenizer, target_data, edit, match):
+    row = edit(json.loads((target_data / "train.jsonl").read_text().splitlines()[0]))
+    with pytest.raises(ValueError, match=match):
+        slic_hf.tokenize_triples([row], toy_tokenizer, 512, 256, "train", "sft_target")
+
+
+def test_slic_rows_without_a_target_are_named(train_run, target_data, data_dir, tmp_path):
+    """A target column that some rows lack (here the whole test split: `datasets` fills the column with None there)
+    stops the run at the first such row, naming the column, rather than training on a silently different objective."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "train.jsonl").write_text((target_data / "train.jsonl").read_text())
+    (mixed / "test.jsonl").write_text((data_dir / "test.jsonl").read_text())
+    with pytest.raises(ValueError, match="row 0: column 'sft_target' should be in the same format as 'chosen', got NoneType"):
+        train_run("slic_hf", fresh=True, dataset_name=str(mixed), max_steps=1, save_steps=0)
