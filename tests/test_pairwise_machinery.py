@@ -1,6 +1,6 @@
-"""The training loops of ipo.py and slic_hf.py: what each promises about saving, loading, resuming, determinism,
-non-finite steps and the command line, and the parts that are theirs alone (IPO's per-token averaging, SLiC-HF's
-target column and its single model).
+"""The training loops of ipo.py, slic_hf.py and fdpo.py: what each promises about saving, loading, resuming,
+determinism, non-finite steps and the command line, and the parts that are theirs alone (IPO's per-token averaging,
+SLiC-HF's target column and its single model, f-DPO's divergences).
 
 The data helpers both scripts share with dpo.py are byte-identical copies (test_copies_identical.py), so their
 tokenization, formats and batched log-probs are tested once, in test_dpo_machinery.py.
@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import fdpo
 import ipo
 import slic_hf
 from helpers import SHORT_RUN, assert_same_weights, cached_runner, python
 
-MODULES = {"ipo": ipo, "slic_hf": slic_hf}
-LOSSES = {"ipo": "ipo_loss", "slic_hf": "slic_loss"}
+MODULES = {"ipo": ipo, "slic_hf": slic_hf, "fdpo": fdpo}
+LOSSES = {"ipo": "ipo_loss", "slic_hf": "slic_loss", "fdpo": "fdpo_loss"}
 BASE_ARGS = SHORT_RUN
 P = "<|user|> how was the food ? <|assistant|>"
 
@@ -95,7 +96,8 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
 
 
 @pytest.mark.parametrize("name, flags", [("ipo", ("--beta", "--average_log_probs")),
-                                         ("slic_hf", ("--delta", "--lambda_reg", "--target_column"))])
+                                         ("slic_hf", ("--delta", "--lambda_reg", "--target_column")),
+                                         ("fdpo", ("--divergence", "--alpha", "--beta", "reverse_kl", "forward_kl"))])
 def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
     """`python X.py --help` imports the script as __main__, so anything the import printed would precede "usage:"."""
     result = python(f"{name}.py", "--help")
@@ -213,3 +215,27 @@ def test_slic_rows_without_a_target_are_named(train_run, target_data, data_dir, 
     (mixed / "test.jsonl").write_text((data_dir / "test.jsonl").read_text())
     with pytest.raises(ValueError, match="row 0: column 'sft_target' should be in the same format as 'chosen', got NoneType"):
         train_run("slic_hf", fresh=True, dataset_name=str(mixed), max_steps=1, save_steps=0)
+
+
+# --------------------------------------------------------------------------- fdpo.py
+@pytest.mark.parametrize("divergence, alpha", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js", 0.5), ("alpha", 0.3)])
+def test_fdpo_divergence_reaches_the_loss(train_run, monkeypatch, divergence, alpha):
+    """--divergence and --alpha arrive at fdpo_loss unchanged, and the logged f-DPO rewards are beta f'(u)."""
+    seen, real = [], fdpo.fdpo_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[5:])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fdpo, "fdpo_loss", spy)
+    run = train_run("fdpo", fresh=True, divergence=divergence, alpha=alpha, max_steps=2, save_steps=0)
+    assert set(seen) == {(divergence, alpha)}
+    m = run.metrics
+    assert {"train/fdpo/chosen", "eval/fdpo/chosen", "train/rewards/margin", "eval/rewards/accuracy"} <= m.keys()
+    if divergence == "reverse_kl":  # beta f'(u) = beta (log u + 1): the DPO reward plus beta
+        assert m["eval/fdpo/chosen"] == pytest.approx(m["eval/rewards/chosen"] + run.args.beta, abs=1e-6)
+
+
+def test_fdpo_bad_alpha_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--alpha must be in"):
+        fdpo.train(fdpo.Args(alpha=1.0, output_dir=str(tmp_path), device="cpu"))

@@ -1,0 +1,678 @@
+"""f-DPO: Direct Preference Optimization beyond the reverse KL, in one file.
+
+Paper: Wang et al. 2024, "Beyond Reverse KL: Generalizing Direct Preference
+Optimization with Diverse Divergence Constraints" (ICLR 2024),
+https://arxiv.org/abs/2309.16240
+
+Objective. Replace the reverse KL of the RLHF objective by an f-divergence
+D_f(pi || pi_ref) = E_{pi_ref}[ f(pi / pi_ref) ]. With u = pi(y|x) / pi_ref(y|x),
+
+    L_f-DPO = -E[ log sigmoid( beta f'(u_w) - beta f'(u_l) ) ],
+
+and under Bradley-Terry preferences from a reward r its population minimiser is
+
+    pi*(y|x) = pi_ref(y|x) (f')^{-1}( (r(x,y) - lambda(x)) / beta ),
+
+with lambda(x) the constant that makes pi* sum to 1. Only for the reverse KL does
+the normaliser factor out (pi* = pi_ref exp(r/beta)/Z, and the loss is DPO's).
+
+    divergence    f(u)                                   f'(u), with a = log u
+    reverse_kl    u log u                                a + 1
+    forward_kl    -log u                                 -exp(-a)
+    js            u log u - (u+1) log((u+1)/2)           log 2 - softplus(-a)
+    alpha         (u^(1-a) - (1-a) u - a) / (a (a-1))    (1 - exp(-alpha a)) / alpha,  alpha in (0, 1)
+
+Conventions and deviations
+- alpha follows Wang et al. and their official code: alpha -> 0 is the reverse
+  KL, alpha = 1 the forward KL. TRL's `f_alpha_divergence_coef` plays the role
+  of 1 - alpha; do not carry a TRL value over unchanged.
+- f' is computed from the log-ratio a = log pi - log pi_ref, never from u: JS
+  through softplus, and the exponentials of forward KL and alpha with their
+  argument capped at 50 (TRL caps it too, at the dtype's limit). Below
+  a = -50 / alpha nats the loss saturates and its gradient is 0: that far
+  below the reference, the answer is already gone. The loss is computed in
+  float32 (or float64) whatever the input dtype.
+- log pi(y|x) is summed over response tokens, as in the paper.
+- The logged rewards are beta * (log pi - log pi_ref), the same quantity as in
+  dpo.py (the name means one computation in every file); f-DPO's own implicit
+  reward beta f'(u) is logged as fdpo/chosen and fdpo/rejected. f' is
+  increasing, so both give the same accuracy.
+- Everything else (formats, `<eos>` handling, truncation, skipped rows, the
+  float32 reference and `--precompute_ref_logps`) is dpo.py's machinery, copied.
+
+Usage
+    python fdpo.py                                   # alpha = 0.5 on the embedded toy world, any CPU
+    python fdpo.py --divergence js                   # Jensen-Shannon
+    python fdpo.py --divergence alpha --alpha 0.3 --beta 0.1 --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 5e-7 \\
+        --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_length 1024 \\
+        --precompute_ref_logps --gradient_checkpointing --output_dir runs/fdpo-qwen
+
+Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
+    train/loss                  mean f-DPO loss
+    train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (as in dpo.py)
+    train/rewards/rejected      the same for the rejected response
+    train/rewards/margin        chosen minus rejected reward
+    train/rewards/accuracy      fraction of pairs with margin > 0
+    train/fdpo/chosen           beta * f'(u) of the chosen response, f-DPO's implicit reward
+    train/fdpo/rejected         the same for the rejected response
+    train/logps/chosen          summed log pi(y_w|x) under the policy
+    train/logps/rejected        summed log pi(y_l|x) under the policy
+    train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
+    train/epoch                 fractional epoch
+    perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
+    eval/...                    the same quantities on the held-out split, every --eval_steps
+"""
+
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from datasets import DatasetDict, load_dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # ---- model and data
+    model_name_or_path: str = "toy_world/model"
+    """policy to train: a hub name or a local directory (a relative path is also looked up next to this file)"""
+    ref_model_name_or_path: Optional[str] = None
+    """frozen reference model pi_ref; None means the starting policy (model_name_or_path)"""
+    dataset_name: str = "toy_world/pairs"
+    """preference data: a hub name, a local directory, or a .json/.jsonl/.parquet/.csv file"""
+    dataset_config: Optional[str] = None
+    """the dataset's configuration name, if it has several"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """held-out split; if the dataset has none, `eval_holdout` rows of the train split are held out"""
+    eval_holdout: int = 512
+    """rows held out from the train split when the dataset has no `eval_split` (0: no evaluation)"""
+    max_length: int = 512
+    """longest prompt + response in tokens"""
+    max_prompt_length: int = 256
+    """tokens kept from the end of a prompt when a row is longer than max_length"""
+    # ---- f-DPO
+    divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = "alpha"
+    """the f-divergence that replaces the reverse KL (reverse_kl gives DPO exactly)"""
+    alpha: float = 0.5
+    """alpha of the alpha-divergence, in (0, 1): -> 0 is the reverse KL, 1 the forward KL (Wang et al.'s convention)"""
+    beta: float = 0.1
+    """beta: the strength of the divergence penalty toward pi_ref (smaller moves further)"""
+    precompute_ref_logps: bool = False
+    """compute reference log-probs in one pass before training and free the reference model"""
+    # ---- optimisation
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
+    num_train_epochs: int = 2
+    """passes over the training pairs"""
+    max_steps: int = -1
+    """if > 0, the number of optimizer steps, overriding num_train_epochs"""
+    per_device_train_batch_size: int = 32
+    """pairs per micro-batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    per_device_eval_batch_size: int = 64
+    """pairs per evaluation batch"""
+    warmup_ratio: float = 0.1
+    """fraction of steps with linear warmup; the rest decays linearly to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+    group_by_length: bool = True
+    """batch rows of similar length (within shuffled mega-batches) to cut padding"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    bf16: bool = True
+    """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
+    device: str = "auto"
+    """'auto' picks cuda, then mps, then cpu"""
+    # ---- logging, evaluation, saving
+    logging_steps: int = 10
+    """print metrics every this many optimizer steps"""
+    eval_steps: int = 100
+    """evaluate on the held-out split every this many steps (0 = only at the end)"""
+    save_steps: int = 0
+    """save a resumable checkpoint every this many steps (0 = only the final model)"""
+    output_dir: str = "runs/fdpo"
+    """where the final model and checkpoints go"""
+    resume_from: Optional[str] = None
+    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from"""
+    seed: int = 1
+    """seed for python, numpy and torch, the data order and the held-out split"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "single-file-alignment"
+    """wandb project"""
+    run_name: Optional[str] = None
+    """wandb run name"""
+
+
+# --------------------------------------------------------------------------- the method
+# exp(50) = 5e21: beta * f' stays far inside float32 (and bfloat16) range for any alpha >= 1e-10 and beta <= 1e6
+EXP_CAP = 50.0
+
+
+def f_prime(log_ratio: torch.Tensor, divergence: str, alpha: float = 0.5) -> torch.Tensor:
+    """f'(u) of the divergence at u = exp(log_ratio), computed from the log-ratio without overflow.
+
+    log_ratio: (B,) float32 or float64. The exponent of forward KL and alpha is
+    capped at EXP_CAP, so f' stays finite (and saturates) far below the reference.
+    """
+    if divergence == "reverse_kl":
+        return log_ratio + 1.0
+    if divergence == "forward_kl":
+        return -torch.exp(torch.clamp(-log_ratio, max=EXP_CAP))
+    if divergence == "js":
+        return math.log(2.0) - F.softplus(-log_ratio)  # log(2u / (1 + u))
+    if divergence == "alpha":
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}; use --divergence reverse_kl or forward_kl for the ends")
+        return (1.0 - torch.exp(torch.clamp(-alpha * log_ratio, max=EXP_CAP))) / alpha
+    raise ValueError(f"unknown divergence {divergence!r}: use reverse_kl, forward_kl, js or alpha")
+
+
+def fdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    divergence: str,
+    alpha: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f-DPO loss per pair, -log sigmoid(beta f'(u_w) - beta f'(u_l)) (Wang et al. 2024).
+
+    All inputs are summed response log-probs of shape (B,). Returns losses (B,)
+    and f-DPO's implicit rewards beta f'(u_w), beta f'(u_l), each (B,), detached.
+    Computed in float32 (float64 stays float64); losses come back in the input dtype.
+    """
+    dtype = torch.float64 if policy_chosen_logps.dtype == torch.float64 else torch.float32
+    chosen_logratios = (policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype))  # (B,)
+    rejected_logratios = (policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype))  # (B,)
+    f_chosen, f_rejected = f_prime(chosen_logratios, divergence, alpha), f_prime(rejected_logratios, divergence, alpha)  # (B,)
+    # for the reverse KL the +1 of f' cancels: use DPO's logit itself, so the two losses agree bit for bit
+    diff = chosen_logratios - rejected_logratios if divergence == "reverse_kl" else f_chosen - f_rejected  # (B,)
+    losses = -F.logsigmoid(beta * diff)  # finite for any finite logit
+    chosen_rewards, rejected_rewards = beta * f_chosen, beta * f_rejected
+    return losses.to(policy_chosen_logps.dtype), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# --------------------------------------------------------------------------- data
+FORMATS = (
+    "accepted preference formats:\n"
+    "  standard:        prompt, chosen, rejected as strings\n"
+    "  conversational:  prompt, chosen, rejected as lists of {'role', 'content'} messages\n"
+    "  implicit prompt: chosen, rejected only (strings or message lists), sharing the prompt as a prefix"
+)
+
+
+def resolve_path(name: str) -> str:
+    """A local path as given, else relative to this file (so the toy-world defaults work from any cwd), else a hub name."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    return name if os.path.exists(name) or not os.path.exists(here) else here
+
+
+def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
+    """(train, eval) datasets from a hub name, a local directory or a data file."""
+    path = resolve_path(name)
+    if os.path.isfile(path):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
+        if kind is None:
+            raise ValueError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
+        data = DatasetDict({"train": load_dataset(kind, data_files=path, split="train")})
+    else:
+        data = load_dataset(path, config)
+    if train_split not in data:
+        raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
+    if eval_split in data:
+        return data[train_split], data[eval_split]
+    if holdout == 0:
+        print(f"no {eval_split!r} split in {name!r} and eval_holdout=0: no evaluation")
+        return data[train_split], None
+    print(f"no {eval_split!r} split in {name!r}: holding out {holdout} rows of {train_split!r} for evaluation")
+    parts = data[train_split].train_test_split(test_size=holdout, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def is_conversation(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def check_columns(dataset, name: str) -> None:
+    """Stop early, naming the problem, if the columns fit none of the accepted formats."""
+    cols = set(dataset.column_names)
+    missing = [c for c in ("chosen", "rejected") if c not in cols]
+    if missing:
+        raise ValueError(f"dataset {name!r} has no column {missing[0]!r} (columns: {sorted(cols)}).\n{FORMATS}")
+
+
+def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str, bool]]:
+    """(prompt, chosen, rejected, templated) as text, whichever format the row is in; None if a part is empty."""
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    chat = is_conversation(chosen)
+    for col, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if value is None and col == "prompt":
+            continue
+        if not (is_conversation(value) if chat else isinstance(value, str)):
+            kind = "a list of {'role', 'content'} messages" if chat else "a string"
+            raise ValueError(f"row {index}: column {col!r} should be {kind} like 'chosen', got {type(value).__name__}: {str(value)[:80]!r}\n{FORMATS}")
+    if prompt is None:  # implicit prompt: the shared prefix of chosen and rejected
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+    if not prompt or (chat and not (chosen and rejected)):  # an empty text answer is kept: it is scored as its <eos>
+        return None
+    if not chat:
+        return prompt, chosen, rejected, False
+    if tokenizer.chat_template is None:
+        raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for response in (chosen, rejected):
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its prefix; cannot separate the response")
+        # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
+        texts.append(full[len(prompt_text) :].rstrip())
+    return prompt_text, texts[0], texts[1], True
+
+
+def split_implicit_prompt(chosen, rejected):
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text."""
+    n = 0
+    if isinstance(chosen, list):  # keep at least the last message as the response
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = max(chosen.rfind(" ", 0, n), 0)  # back up to a word boundary: "Assistant: I like" vs "... I hate"
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos).
+
+    A merge across the boundary changes the prompt's last tokens; the tokens
+    from the first difference on are the response (TRL does the same).
+    """
+    add_special = not templated  # a chat template already writes its own bos
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    full_ids = tokenizer(prompt + response, add_special_tokens=add_special)["input_ids"]
+    n = 0
+    while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+        n += 1
+    response_ids = full_ids[n:]
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # an empty answer is its <eos> alone
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return full_ids[:n], response_ids
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
+    """Tokenize every pair; skipped rows are counted by reason and reported, never dropped silently."""
+    rows, skipped, truncated, empty = [], Counter(), 0, 0
+    for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
+        texts = row_texts(row, i, tokenizer)
+        if texts is None:
+            skipped["empty prompt or response"] += 1
+            continue
+        prompt, chosen, rejected, templated = texts
+        if chosen == rejected:
+            skipped["chosen equals rejected"] += 1
+            continue
+        (pc, c), (pr, r) = (tokenize_response(tokenizer, prompt, x, templated) for x in (chosen, rejected))
+        if not (pc and pr):  # the whole prompt merged into the response: nothing to condition on
+            skipped["empty prompt or response"] += 1
+            continue
+        if max(len(pc) + len(c), len(pr) + len(r)) > max_length:
+            truncated += 1
+            # keep the end of the prompt (the question next to the answer), then the start of each response
+            pc, pr = pc[-max_prompt_length:], pr[-max_prompt_length:]
+            c, r = c[: max_length - len(pc)], r[: max_length - len(pr)]
+        if pc + c == pr + r:  # different texts, same tokens (after truncation, or "a  b" vs "a b"): no preference left
+            skipped["identical once tokenized or truncated"] += 1
+            continue
+        empty += (c == [tokenizer.eos_token_id]) + (r == [tokenizer.eos_token_id])
+        rows.append({"chosen": pc + c, "chosen_start": len(pc), "rejected": pr + r, "rejected_start": len(pr), "index": len(rows)})
+    report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+    print(f"{desc}: {len(rows)} pairs kept of {len(dataset)} ({empty} empty responses scored as <eos> alone); "
+          f"{truncated} truncated to {max_length} tokens; skipped: {report}")
+    if not rows:
+        raise ValueError(f"no usable pairs in the {desc} split")
+    return rows
+
+
+def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """One epoch of batches (row indices), a pure function of (seed, epoch) so a resumed run replays it exactly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    if group_by_length:  # sort within mega-batches of 64 batches, then shuffle the batches
+        mega = 64 * batch_size
+        length = lambda i: max(len(rows[i]["chosen"]), len(rows[i]["rejected"]))  # noqa: E731
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=length, reverse=True)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Chosen then rejected sequences in one right-padded batch of 2B rows.
+
+    `targets` holds the next token at each position and -100 where it is not
+    a response token, so log-probs are gathered at response positions only.
+    """
+    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    starts = [r["chosen_start"] for r in rows] + [r["rejected_start"] for r in rows]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for b, (seq, start) in enumerate(zip(seqs, starts)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention_mask[b, : len(seq)] = 1
+        targets[b, start - 1 : len(seq) - 1] = torch.tensor(seq[start:])  # position t predicts token t+1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "index": torch.tensor([r["index"] for r in rows])}
+
+
+# --------------------------------------------------------------------------- log-probs
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the response tokens of each row, and their counts.
+
+    The transformer body runs on the whole batch (N, T); the LM head and a
+    float32 log-softmax run only at the positions that predict a response
+    token, so no (N, T, V) logits tensor is ever built.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+    mask = targets != -100  # (N, T)
+    logits = model.get_output_embeddings()(hidden[mask]).float()  # (M, V), M = response tokens in the batch
+    config = model.config.get_text_config()  # what each model's forward does to its logits after the LM head:
+    if getattr(config, "logits_scaling", None):  # Granite divides them
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):  # Cohere multiplies them
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    token_logps = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
+    sums = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, row, token_logps)  # (N,)
+    return sums, mask.sum(-1)
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_logps, rejected_logps), each (B,), from one forward over the 2B concatenated rows."""
+    sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    return sums.chunk(2)
+
+
+# --------------------------------------------------------------------------- training
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, device, autocast, desc: str) -> torch.Tensor:
+    """Reference log-probs of every pair, shape (len(rows), 2) = (chosen, rejected), in one pass."""
+    out = torch.zeros(len(rows), 2)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["chosen"]) + len(rows[i]["rejected"]))  # little padding
+    for s in tqdm(range(0, len(order), batch_size), desc=f"reference log-probs ({desc})", leave=False):
+        batch = to_device(collate([rows[i] for i in order[s : s + batch_size]], pad_id), device)
+        with autocast():
+            chosen, rejected = pair_logps(ref_model, batch)
+        out[batch["index"].cpu()] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    return out
+
+
+def step_metrics(prefix: str, losses, policy_chosen, policy_rejected, chosen_rewards, rejected_rewards) -> dict:
+    margin = chosen_rewards - rejected_rewards
+    return {
+        f"{prefix}/loss": losses.mean().item(),
+        f"{prefix}/rewards/chosen": chosen_rewards.mean().item(),
+        f"{prefix}/rewards/rejected": rejected_rewards.mean().item(),
+        f"{prefix}/rewards/margin": margin.mean().item(),
+        f"{prefix}/rewards/accuracy": (margin > 0).float().mean().item(),
+        f"{prefix}/logps/chosen": policy_chosen.detach().mean().item(),
+        f"{prefix}/logps/rejected": policy_rejected.detach().mean().item(),
+    }
+
+
+def enable_gradient_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    if state is not None:
+        torch.save(state, os.path.join(path, "training_state.pt"))
+
+
+def train(args: Args) -> dict:
+    if args.divergence == "alpha" and not 0.0 < args.alpha < 1.0:
+        raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}; --divergence reverse_kl and forward_kl are its two ends")
+    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
+        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    use_bf16 = args.bf16 and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    # ---- models and tokenizer
+    policy_path = resolve_path(args.resume_from or args.model_name_or_path)
+    ref_path = resolve_path(args.ref_model_name_or_path or args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {policy_path!r} has no eos token; responses need one")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    policy.config.use_cache = False
+    state = None
+    if args.resume_from:
+        state_file = os.path.join(policy_path, "training_state.pt")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps (output_dir/checkpoint-N); "
+                                    f"{policy_path!r} has no training_state.pt")
+        state = torch.load(state_file, weights_only=False)
+    saved_ref_logps = state.get("ref_logps") if state is not None else None  # a resumed run's, if it precomputed them
+    ref_model = None
+    if not (args.precompute_ref_logps and saved_ref_logps is not None):
+        # the policy's dtype and autocast, so that h = 0 exactly at step 0
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(device)
+        ref_model.eval().requires_grad_(False)
+
+    # ---- data
+    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
+    check_columns(train_data, args.dataset_name)
+    train_rows = tokenize_pairs(train_data, tokenizer, args.max_length, args.max_prompt_length, "train")
+    eval_rows = []
+    if eval_data is not None:
+        check_columns(eval_data, args.dataset_name)
+        eval_rows = tokenize_pairs(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
+    batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
+    if batches_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError(f"{len(train_rows)} training pairs make {batches_per_epoch} micro-batches of {args.per_device_train_batch_size}, "
+                         f"fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+
+    # ---- reference log-probs, once, if asked (a resumed run reads them from its checkpoint), then free the reference
+    ref_logps = None
+    if args.precompute_ref_logps:
+        if saved_ref_logps is not None:
+            ref_logps = saved_ref_logps
+        else:
+            ref_logps = {name: precompute_ref_logps(ref_model, rows, args.per_device_eval_batch_size, pad_id, device, autocast, name)
+                         for name, rows in (("train", train_rows), ("eval", eval_rows))}
+            ref_model = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def ref_pair_logps(batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if ref_logps is not None:
+            logps = ref_logps[split][batch["index"].cpu()].to(device)
+            return logps[:, 0], logps[:, 1]
+        with torch.no_grad(), autocast():
+            chosen, rejected = pair_logps(ref_model, batch)
+        return chosen.float(), rejected.float()
+
+    def batch_losses(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+        """f-DPO losses of one batch, and its step metrics."""
+        with autocast():
+            chosen, rejected = pair_logps(policy, batch)
+        ref_chosen, ref_rejected = ref_pair_logps(batch, split)
+        losses, f_chosen, f_rejected = fdpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.divergence, args.alpha)
+        chosen_rewards, rejected_rewards = (args.beta * (p - r).detach() for p, r in ((chosen, ref_chosen), (rejected, ref_rejected)))
+        metrics = step_metrics(split, losses, chosen, rejected, chosen_rewards, rejected_rewards)
+        metrics.update({f"{split}/fdpo/chosen": f_chosen.mean().item(), f"{split}/fdpo/rejected": f_rejected.mean().item()})
+        return losses, metrics
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        policy.eval()
+        totals, count = Counter(), 0
+        for s in range(0, len(eval_rows), args.per_device_eval_batch_size):
+            batch = to_device(collate(eval_rows[s : s + args.per_device_eval_batch_size], pad_id), device)
+            losses, metrics = batch_losses(batch, "eval")
+            n = len(losses)
+            totals.update({k: v * n for k, v in metrics.items()})
+            count += n
+        policy.train()
+        return {k: v / count for k, v in totals.items()}
+
+    # ---- optimizer and schedule: linear warmup, then linear decay to 0
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    warmup = int(args.warmup_ratio * total_steps)
+
+    def lr_factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"resumed from {args.resume_from} at step {start_step}")
+
+    run = None
+    if args.track:
+        import wandb  # imported here so that importing this file stays silent and fast
+
+        run = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
+
+    # ---- the loop
+    orders: dict[int, list[list[int]]] = {}
+
+    def micro_batches(step: int):
+        """The micro-batches of optimizer step `step`, wherever the epoch boundaries fall."""
+        per_epoch = steps_per_epoch * args.gradient_accumulation_steps
+        for m in range(args.gradient_accumulation_steps):
+            epoch, i = divmod(step * args.gradient_accumulation_steps + m, per_epoch)
+            if epoch not in orders:
+                orders[epoch] = batch_order(train_rows, args.per_device_train_batch_size, args.seed, epoch, args.group_by_length)
+            yield epoch + i / per_epoch, [train_rows[j] for j in orders[epoch][i]]
+
+    policy.train()
+    metrics: dict = {}
+    last_good = args.resume_from
+    progress = tqdm(range(start_step, total_steps), desc="fdpo", initial=start_step, total=total_steps)
+    for step in progress:
+        t0, tokens, sums = time.perf_counter(), 0, Counter()
+        for epoch, rows in micro_batches(step):
+            batch = to_device(collate(rows, pad_id), device)
+            losses, batch_metrics = batch_losses(batch, "train")
+            loss = losses.mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
+            (loss / args.gradient_accumulation_steps).backward()
+            tokens += int(batch["attention_mask"].sum())
+            sums.update(batch_metrics)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        metrics = {k: v / args.gradient_accumulation_steps for k, v in sums.items()}
+        metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
+                        "perf/tokens_per_sec": tokens / (time.perf_counter() - t0)})
+        done = step + 1
+        if eval_rows and ((args.eval_steps and done % args.eval_steps == 0) or done == total_steps):
+            metrics.update(evaluate())
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
+        if done % args.logging_steps == 0 or done == total_steps:
+            tqdm.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if run is not None:
+            run.log(metrics, step=done)
+        if args.save_steps and done % args.save_steps == 0 and done < total_steps:
+            last_good = os.path.join(args.output_dir, f"checkpoint-{done}")
+            save(last_good, policy, tokenizer, args, {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                                      "rng": rng_state(), "ref_logps": ref_logps})
+    save(args.output_dir, policy, tokenizer, args)
+    if run is not None:
+        run.finish()
+    return metrics
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args, use_underscores=True))

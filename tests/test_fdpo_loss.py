@@ -1,0 +1,79 @@
+"""Hand-computed checks of `fdpo.fdpo_loss` (f-DPO, Wang et al. 2024): loss = softplus(-beta (f'(u_w) - f'(u_l))),
+u = pi / pi_ref, from the log-ratios a = log u. f' by hand, with the `math` module only:
+
+    reverse KL  a + 1          forward KL  -e^{-a}          JS  log(2 e^a / (1 + e^a))          alpha  (1 - e^{-alpha a}) / alpha
+"""
+import math
+
+import pytest
+import torch
+
+from dpo import dpo_loss
+from fdpo import EXP_CAP, fdpo_loss
+from helpers import softplus
+
+HAND_F_PRIME = {
+    "reverse_kl": lambda a, alpha: a + 1,
+    "forward_kl": lambda a, alpha: -math.exp(-a),
+    "js": lambda a, alpha: math.log(2 * math.exp(a) / (1 + math.exp(a))),
+    "alpha": lambda a, alpha: (1 - math.exp(-alpha * a)) / alpha,
+}
+DIVERGENCES = [("reverse_kl", None), ("forward_kl", None), ("js", None), ("alpha", 0.3), ("alpha", 0.5), ("alpha", 0.7)]
+# (policy_chosen, policy_rejected, ref_chosen, ref_rejected): log-ratios a_w, a_l of both signs and sizes
+CASES = [(-12.5, -15.25, -13.0, -14.75), (-3.0, -2.0, -2.5, -3.5), (-40.0, -40.0, -40.0, -40.0), (-7.75, -20.5, -9.0, -18.0),
+         (-1.0, -0.5, -6.0, -0.125)]
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+@pytest.mark.parametrize("divergence, alpha", DIVERGENCES)
+def test_matches_hand_values(divergence, alpha, beta):
+    inputs = [torch.tensor(col, dtype=torch.float64) for col in zip(*CASES)]
+    losses, chosen_rewards, rejected_rewards = fdpo_loss(*inputs, beta=beta, divergence=divergence, alpha=alpha or 0.5)
+    f = HAND_F_PRIME[divergence]
+    for k, (pc, pr, rc, rr) in enumerate(CASES):
+        fw, fl = f(pc - rc, alpha), f(pr - rr, alpha)
+        assert losses[k].item() == pytest.approx(softplus(-beta * (fw - fl)), rel=1e-12, abs=1e-12)
+        assert chosen_rewards[k].item() == pytest.approx(beta * fw, rel=1e-12, abs=1e-12)
+        assert rejected_rewards[k].item() == pytest.approx(beta * fl, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reverse_kl_is_dpo_exactly(dtype):
+    gen = torch.Generator().manual_seed(0)
+    inputs = list(-60.0 * torch.rand(4, 257, generator=gen, dtype=dtype))
+    for beta in (0.1, 0.5, 2.0):
+        assert torch.equal(fdpo_loss(*inputs, beta=beta, divergence="reverse_kl")[0], dpo_loss(*inputs, beta=beta)[0])
+
+
+def test_alpha_interpolates_between_the_two_kls():
+    """f'_alpha(u) -> log u as alpha -> 0 (reverse KL's f' up to its constant) and = 1 - 1/u at alpha = 1 (forward KL's
+    f' up to its constant), so the losses approach the two ends' (constants cancel in f'(u_w) - f'(u_l))."""
+    inputs = [torch.tensor(col, dtype=torch.float64) for col in zip(*CASES)]
+    for end, alpha in (("reverse_kl", 1e-7), ("forward_kl", 1 - 1e-7)):
+        torch.testing.assert_close(fdpo_loss(*inputs, beta=0.5, divergence="alpha", alpha=alpha)[0],
+                                   fdpo_loss(*inputs, beta=0.5, divergence=end)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence, alpha", DIVERGENCES)
+def test_extreme_log_ratios_stay_finite(dtype, divergence, alpha):
+    """Log-ratios of +-1e4 nats, where e^{-a} alone would be 1e4343: losses and gradients finite. Below -EXP_CAP/alpha
+    the exponentials saturate: the loss is then flat in that answer (gradient 0), which is tested."""
+    big = 1e4
+    values = [(0.0, -big, -big, 0.0), (-big, 0.0, 0.0, -big), (-big, -big, 0.0, 0.0), (big, big, 0.0, 0.0), (-1e4, 5.0, 0.0, 0.0)]
+    inputs = [torch.tensor(col, dtype=dtype, requires_grad=True) for col in zip(*values)]
+    losses, chosen_rewards, rejected_rewards = fdpo_loss(*inputs, beta=2.0, divergence=divergence, alpha=alpha or 0.5)
+    losses.sum().backward()
+    assert losses.dtype == dtype
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen_rewards).all() and torch.isfinite(rejected_rewards).all()
+    assert all(torch.isfinite(x.grad).all() for x in inputs)
+    if divergence in ("forward_kl", "alpha"):  # a_w = -1e4 is past the cap: no gradient flows to that chosen answer
+        assert inputs[0].grad[4].item() == 0.0 and 1e4 * (alpha or 1.0) > EXP_CAP
+
+
+def test_bad_alpha_and_divergence_are_named():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        fdpo_loss(x, x, x, x, beta=0.1, divergence="alpha", alpha=1.0)
+    with pytest.raises(ValueError, match="unknown divergence 'tv'"):
+        fdpo_loss(x, x, x, x, beta=0.1, divergence="tv")

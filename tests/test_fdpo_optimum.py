@@ -1,0 +1,108 @@
+"""Minimising the f-DPO population loss over a tabular policy reaches pi_ref (f')^{-1}((r - lambda)/beta) (Wang et al.).
+
+Setup as in test_dpo_optimum.py: prompts x, K responses, pi_ref = softmax(random logits), r ~ U[-1, 1],
+Bradley-Terry preferences P_ij = sigmoid(r_i - r_j), pairs drawn from mu = pi_ref. The population loss
+sum_{i != j} mu_i mu_j P_ij l(z_ij) with z_ij = beta (f'(u_i) - f'(u_j)) is a sum of cross-entropies, each minimised at
+z_ij = r_i - r_j; beta f'(u_i) = r_i - lambda realises all of them at once, and lambda is fixed by sum_i pi_i = 1:
+
+    pi*(i) = pi_ref(i) g((r_i - lambda)/beta),   g = (f')^{-1}:
+    reverse KL  g(v) = e^{v-1}         forward KL  g(v) = -1/v (v < 0)
+    JS          g(v) = e^v/(2 - e^v) (v < log 2)          alpha  g(v) = (1 - alpha v)^{-1/alpha} (v < 1/alpha)
+
+lambda is found here by bisection on the increasing-in-lambda side of sum_i pi_ref(i) g((r_i - lambda)/beta) = 1.
+"""
+import functools
+import math
+
+import pytest
+import torch
+
+from fdpo import fdpo_loss
+
+N_PROMPTS, N_RESPONSES, SEED = 3, 6, 0
+DIVERGENCES = [("reverse_kl", None), ("forward_kl", None), ("js", None), ("alpha", 0.3), ("alpha", 0.5), ("alpha", 0.7)]
+# L-BFGS in float64 stops at rounding level: measured max |pi - pi*| <= 1.5e-8 over every case below. The issue asks
+# for 1e-3; we hold it to 1e-7. A wrong f', a wrong (f')^{-1}, or another divergence's optimum is >= 0.048 away
+# (test_divergences_give_different_optima); TRL's alpha convention (1 - alpha: 0.3 for 0.7) is 0.099 away.
+PI_TOL = 1e-7
+
+
+def g(v: torch.Tensor, divergence: str, alpha) -> torch.Tensor:
+    return {"reverse_kl": lambda: torch.exp(v - 1), "forward_kl": lambda: -1 / v, "js": lambda: torch.exp(v) / (2 - torch.exp(v)),
+            "alpha": lambda: (1 - alpha * v) ** (-1 / alpha)}[divergence]()
+
+
+V_MAX = {"reverse_kl": math.inf, "forward_kl": 0.0, "js": math.log(2)}
+
+
+def analytic_optimum(ref_logp, reward, beta, divergence, alpha) -> torch.Tensor:
+    """pi*(i) = pi_ref(i) g((r_i - lambda)/beta), lambda per prompt by bisection; (X, K)."""
+    ref = ref_logp.exp()
+    v_max = 1 / alpha if divergence == "alpha" else V_MAX[divergence]
+    out = []
+    for x in range(len(ref)):
+        total = lambda lam: (ref[x] * g((reward[x] - lam) / beta, divergence, alpha)).sum().item()  # noqa: E731
+        lo = reward[x].max().item() - beta * v_max if math.isfinite(v_max) else -50.0  # total -> inf as lam -> lo+
+        hi = lo + 1.0
+        while total(hi) > 1:
+            hi += 2 * (hi - lo)
+        for _ in range(200):  # total falls as lam grows
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if total(mid) > 1 else (lo, mid)
+        out.append(ref[x] * g((reward[x] - hi) / beta, divergence, alpha))
+    return torch.stack(out)
+
+
+@functools.lru_cache(maxsize=None)
+def problem():
+    gen = torch.Generator().manual_seed(SEED)
+    ref_logp = torch.log_softmax(torch.randn(N_PROMPTS, N_RESPONSES, generator=gen, dtype=torch.float64), -1)
+    reward = 2 * torch.rand(N_PROMPTS, N_RESPONSES, generator=gen, dtype=torch.float64) - 1
+    return ref_logp, reward
+
+
+def fit(beta, divergence, alpha) -> torch.Tensor:
+    ref_logp, reward = problem()
+    i, j = torch.tensor([(a, b) for a in range(N_RESPONSES) for b in range(N_RESPONSES) if a != b]).T
+    mu = ref_logp.exp()
+    weights = (mu[:, i] * mu[:, j] * torch.sigmoid(reward[:, i] - reward[:, j])).reshape(-1)
+    weights = weights / weights.sum()
+    phi = torch.zeros_like(ref_logp, requires_grad=True)
+    opt = torch.optim.LBFGS([phi], lr=1.0, max_iter=1000, history_size=20, tolerance_grad=1e-13, tolerance_change=0.0,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(ref_logp + phi, -1)
+        losses = fdpo_loss(logp[:, i].reshape(-1), logp[:, j].reshape(-1), ref_logp[:, i].reshape(-1), ref_logp[:, j].reshape(-1),
+                           beta=beta, divergence=divergence, alpha=alpha or 0.5)[0]
+        loss = (weights * losses).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.log_softmax(ref_logp + phi.detach(), -1).exp()
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+@pytest.mark.parametrize("divergence, alpha", DIVERGENCES)
+def test_minimiser_is_the_analytic_optimum(divergence, alpha, beta):
+    ref_logp, reward = problem()
+    pi_star = analytic_optimum(ref_logp, reward, beta, divergence, alpha)
+    assert torch.allclose(pi_star.sum(-1), torch.ones(N_PROMPTS, dtype=torch.float64), atol=1e-12)
+    assert (fit(beta, divergence, alpha) - pi_star).abs().max() < PI_TOL
+
+
+def test_reverse_kl_optimum_is_the_closed_form():
+    ref_logp, reward = problem()
+    torch.testing.assert_close(analytic_optimum(ref_logp, reward, 0.5, "reverse_kl", None), torch.softmax(ref_logp + reward / 0.5, -1),
+                               rtol=0, atol=1e-12)
+
+
+def test_divergences_give_different_optima():
+    """So the test above can tell them apart (and tell alpha from TRL's 1 - alpha)."""
+    ref_logp, reward = problem()
+    optima = {(d, a): analytic_optimum(ref_logp, reward, 0.5, d, a) for d, a in DIVERGENCES}
+    keys = list(optima)
+    gaps = [(optima[a] - optima[b]).abs().max().item() for n, a in enumerate(keys) for b in keys[n + 1:]]
+    assert min(gaps) > 1e-2  # measured 0.048

@@ -1,0 +1,58 @@
+"""The diversity/reward trade-off across f-divergences, measured exactly on the toy world's analytic optima.
+
+Wang et al. report that as alpha goes from 0 (reverse KL) to 1 (forward KL), diversity rises and reward falls; the
+seed notes' figure caption swaps the two ends. That is an empirical trend, not a theorem, so this test asserts only
+what theory guarantees and reports the rest (printed under "measured on the toy world"):
+- every optimum gains reward over the reference: E_pi*[r] - beta D_f(pi*||pi_ref) >= E_ref[r] and D_f >= 0;
+- the alpha-family reaches the reverse KL as alpha -> 0 and the forward KL at alpha -> 1;
+- a smaller beta never lowers the optimum's E[r] (the optimum's reward is non-increasing in beta).
+"""
+
+import numpy as np
+import pytest
+from conftest import MEASURED
+
+import fdpo_toy
+import toy
+
+ALPHAS = [0.001, *np.round(np.arange(0.05, 1.0, 0.05), 2).tolist(), 0.999]
+BETAS = [0.1, 1.0]
+
+
+@pytest.fixture(scope="module")
+def curves():
+    """{beta: {(divergence, alpha): (entropy, E[r])}} over Y, for the alpha grid, the two KLs and JS."""
+    reference = toy.reference_logprobs()
+    out = {}
+    for beta in BETAS:
+        points = {("reverse_kl", None): None, **{("alpha", a): None for a in ALPHAS}, ("forward_kl", None): None, ("js", None): None}
+        out[beta] = {key: fdpo_toy.entropy_and_reward(fdpo_toy.optima(reference, beta, *key)) for key in points}
+    ref_y = {p: toy.on_answers(reference[p]) for p in reference}
+    return out, fdpo_toy.entropy_and_reward(ref_y)
+
+
+def test_every_optimum_gains_reward_and_the_family_meets_its_ends(curves):
+    points, (_, ref_reward) = curves
+    for beta in BETAS:
+        c = points[beta]
+        assert all(er > ref_reward for _, er in c.values())
+        for end, alpha in (("reverse_kl", 0.001), ("forward_kl", 0.999)):
+            assert c[("alpha", alpha)] == pytest.approx(c[(end, None)], abs=5e-3)  # within O(alpha) and O(1 - alpha)
+    for key in points[BETAS[0]]:
+        assert points[0.1][key][1] >= points[1.0][key][1] - 1e-9
+
+
+def test_report_the_trend(curves):
+    """Not an assertion about the trend: a record of it, for the README."""
+    points, (ref_entropy, ref_reward) = curves
+    for beta in BETAS:
+        c = points[beta]
+        ent = [c[("alpha", a)][0] for a in ALPHAS]
+        er = [c[("alpha", a)][1] for a in ALPHAS]
+        MEASURED.append(
+            f"f-DPO optima on the toy world, beta={beta} (reference: entropy {ref_entropy:.3f}, E[r] {ref_reward:.3f}): reverse KL H={c[('reverse_kl', None)][0]:.3f} "
+            f"E[r]={c[('reverse_kl', None)][1]:.3f}; forward KL H={c[('forward_kl', None)][0]:.3f} E[r]={c[('forward_kl', None)][1]:.3f}; "
+            f"JS H={c[('js', None)][0]:.3f} E[r]={c[('js', None)][1]:.3f}; over alpha in [0.001, 0.999]: entropy "
+            f"{'rises monotonically' if np.all(np.diff(ent) > 0) else f'is not monotone (min {min(ent):.3f} at alpha={ALPHAS[int(np.argmin(ent))]}, max {max(ent):.3f} at alpha={ALPHAS[int(np.argmax(ent))]})'}, "
+            f"E[r] {'falls monotonically' if np.all(np.diff(er) < 0) else ('rises monotonically' if np.all(np.diff(er) > 0) else f'is not monotone (max {max(er):.3f} at alpha={ALPHAS[int(np.argmax(er))]})')}")
+    assert len(MEASURED) >= len(BETAS)
