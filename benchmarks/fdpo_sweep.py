@@ -40,6 +40,8 @@ class Config:
     out_json: Path = REPO / "benchmarks" / "fdpo_sweep.json"
     out_png: Path = REPO / "fdpo_tradeoff.png"
     plot_only: bool = False
+    analytic_betas: tuple[float, ...] = (1.0, 0.1)
+    """further betas whose analytic curves are drawn (no training) in rows below the trained one"""
 
 
 def analytic(reference: dict, beta: float) -> dict:
@@ -74,37 +76,47 @@ def train_point(cfg: Config, divergence: str, alpha: float) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
+    """One row per beta: entropy and E[r] against alpha. The first row has the trained points; the others are analytic."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a = results["analytic"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "entropy", "entropy of π(·|Y) (nats)"), (axes[1], "reward", "E[r] over Y")):
-        ax.plot(a["alpha"], a[key], color="C0", label="analytic optimum (α-divergence)")
-        pts = [p for p in results["trained"] if p["divergence"] in ("alpha", "reverse_kl", "forward_kl")]
-        xs = [p["alpha"] if p["divergence"] == "alpha" else (0.0 if p["divergence"] == "reverse_kl" else 1.0) for p in pts]
-        ax.scatter(xs, [p[key] for p in pts], color="C1", zorder=3, label="trained with fdpo.py")
-        ax.scatter([0.0, 1.0], [a["ends"]["reverse_kl"][0 if key == "entropy" else 1], a["ends"]["forward_kl"][0 if key == "entropy" else 1]],
-                   marker="s", color="C0", zorder=3, label="reverse KL (α→0), forward KL (α=1)")
-        js = [p for p in results["trained"] if p["divergence"] == "js"]
-        ax.axhline(a["ends"]["js"][0 if key == "entropy" else 1], color="C2", ls="--", label="JS, analytic")
-        if js:
-            ax.axhline(js[0][key], color="C2", ls=":", label="JS, trained")
+    rows = [(results["beta"], results["analytic"], results["trained"])] + [(float(b), a, []) for b, a in results.get("analytic_other", {}).items()]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.3 * len(rows)), squeeze=False)
+    for (beta, a, trained), row in zip(rows, axes):
+        for ax, k, label in ((row[0], 0, "entropy of π(·|Y) (nats)"), (row[1], 1, "E[r] over Y")):
+            key = ("entropy", "reward")[k]
+            ax.plot(a["alpha"], a[key], color="C0", label="analytic optimum (α-divergence)")
+            ax.scatter([0.0, 1.0], [a["ends"]["reverse_kl"][k], a["ends"]["forward_kl"][k]], marker="s", color="C0", zorder=3,
+                       label="reverse KL (α→0), forward KL (α=1)")
+            ax.axhline(a["ends"]["js"][k], color="C2", ls="--", label="JS, analytic")
+            pts = [p for p in trained if p["divergence"] != "js"]
+            if pts:
+                xs = [p["alpha"] if p["divergence"] == "alpha" else (0.0 if p["divergence"] == "reverse_kl" else 1.0) for p in pts]
+                ax.scatter(xs, [p[key] for p in pts], color="C1", zorder=3, label="trained with fdpo.py")
+            for p in trained:
+                if p["divergence"] == "js":
+                    ax.axhline(p[key], color="C2", ls=":", label="JS, trained")
+            ax.set_title(f"β = {beta}" + (": trained and analytic" if trained else ": analytic only"), fontsize=9)
+            ax.set_ylabel(label)
+        row[0].legend(fontsize=6)
+    for ax in axes[-1]:
         ax.set_xlabel("α   (0: reverse KL  →  1: forward KL)")
-        ax.set_ylabel(label)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"f-DPO on the toy world, β = {results['beta']}: exact entropy and E[r] of trained policies and their optima")
+    fig.suptitle("f-DPO on the toy world: exact entropy and E[r] of the optima, and of policies trained by fdpo.py")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(cfg: Config) -> None:
     if cfg.plot_only:
-        return plot(json.loads(cfg.out_json.read_text()), cfg.out_png)
+        results = json.loads(cfg.out_json.read_text())
+        results["analytic_other"] = {str(b): analytic(toy.reference_logprobs(), b) for b in cfg.analytic_betas}
+        cfg.out_json.write_text(json.dumps(results, indent=1))
+        return plot(results, cfg.out_png)
     results = {"beta": cfg.beta, "learning_rate": cfg.learning_rate, "num_train_epochs": cfg.num_train_epochs,
-               "analytic": analytic(toy.reference_logprobs(), cfg.beta), "trained": []}
+               "analytic": analytic(toy.reference_logprobs(), cfg.beta), "trained": [],
+               "analytic_other": {str(b): analytic(toy.reference_logprobs(), b) for b in cfg.analytic_betas}}
     for divergence, alpha in [("reverse_kl", 0.5), *(("alpha", a) for a in cfg.alphas), ("forward_kl", 0.5), ("js", 0.5)]:
         point = train_point(cfg, divergence, alpha)
         results["trained"].append(point)
