@@ -20,7 +20,8 @@ the normaliser factor out (pi* = pi_ref exp(r/beta)/Z, and the loss is DPO's).
     reverse_kl    u log u                                a + 1
     forward_kl    -log u                                 -exp(-a)
     js            u log u - (u+1) log((u+1)/2)           log 2 - softplus(-a)
-    alpha         (u^(1-a) - (1-a) u - a) / (a (a-1))    (1 - exp(-alpha a)) / alpha,  alpha in (0, 1)
+    alpha         (u^(1-alpha) - (1-alpha) u - alpha)    (1 - exp(-alpha a)) / alpha,  alpha in (0, 1)
+                    / (alpha (alpha-1))
 
 Conventions and deviations
 - alpha follows Wang et al. and their official code: alpha -> 0 is the reverse

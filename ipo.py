@@ -526,8 +526,8 @@ def train(args: Args) -> dict:
             chosen, rejected = pair_logps(ref_model, batch)
         return chosen.float(), rejected.float()
 
-    def batch_losses(batch: dict, split: str):
-        """IPO losses of one batch, with the policy's log-probs and the implicit rewards."""
+    def batch_losses(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+        """IPO losses of one batch, and its step metrics."""
         with autocast():
             chosen, rejected = pair_logps(policy, batch)
         ref_chosen, ref_rejected = ref_pair_logps(batch, split)
@@ -536,7 +536,7 @@ def train(args: Args) -> dict:
             chosen, rejected = chosen / n_chosen, rejected / n_rejected
             ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
         losses, chosen_rewards, rejected_rewards = ipo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta)
-        return losses, chosen, rejected, chosen_rewards, rejected_rewards
+        return losses, step_metrics(split, losses, chosen, rejected, chosen_rewards, rejected_rewards)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -544,9 +544,9 @@ def train(args: Args) -> dict:
         totals, count = Counter(), 0
         for s in range(0, len(eval_rows), args.per_device_eval_batch_size):
             batch = to_device(collate(eval_rows[s : s + args.per_device_eval_batch_size], pad_id), device)
-            losses, chosen, rejected, cr, rr = batch_losses(batch, "eval")
+            losses, metrics = batch_losses(batch, "eval")
             n = len(losses)
-            totals.update({k: v * n for k, v in step_metrics("eval", losses, chosen, rejected, cr, rr).items()})
+            totals.update({k: v * n for k, v in metrics.items()})
             count += n
         policy.train()
         return {k: v / count for k, v in totals.items()}
@@ -595,13 +595,13 @@ def train(args: Args) -> dict:
         t0, tokens, sums = time.perf_counter(), 0, Counter()
         for epoch, rows in micro_batches(step):
             batch = to_device(collate(rows, pad_id), device)
-            losses, chosen, rejected, cr, rr = batch_losses(batch, "train")
+            losses, batch_metrics = batch_losses(batch, "train")
             loss = losses.mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
             (loss / args.gradient_accumulation_steps).backward()
             tokens += int(batch["attention_mask"].sum())
-            sums.update(step_metrics("train", losses, chosen, rejected, cr, rr))
+            sums.update(batch_metrics)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")

@@ -282,6 +282,12 @@ def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int
     """
     rows, skipped, truncated, empty = [], Counter(), 0, 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
+        if target_column is not None:  # checked on every row, kept or not, so a bad target never hides
+            target = row[target_column]
+            if row.get("prompt") is None:
+                raise ValueError(f"row {i}: a {target_column!r} target needs an explicit 'prompt' column (implicit-prompt rows have none)")
+            if is_conversation(target) != is_conversation(row["chosen"]) or not (is_conversation(target) or isinstance(target, str)):
+                raise ValueError(f"row {i}: column {target_column!r} should be in the same format as 'chosen', got {type(target).__name__}: {str(target)[:80]!r}")
         texts = row_texts(row, i, tokenizer)
         if texts is None:
             skipped["empty prompt or response"] += 1
@@ -305,11 +311,6 @@ def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int
         empty += (c == [tokenizer.eos_token_id]) + (r == [tokenizer.eos_token_id])
         kept = {"chosen": pc + c, "chosen_start": len(pc), "rejected": pr + r, "rejected_start": len(pr), "index": len(rows)}
         if target_column is not None:
-            target = row[target_column]
-            if row.get("prompt") is None:
-                raise ValueError(f"row {i}: a {target_column!r} target needs an explicit 'prompt' column (implicit-prompt rows have none)")
-            if is_conversation(target) != is_conversation(row["chosen"]) or not (is_conversation(target) or isinstance(target, str)):
-                raise ValueError(f"row {i}: column {target_column!r} should be in the same format as 'chosen', got {type(target).__name__}: {str(target)[:80]!r}")
             texts = row_texts({"prompt": row["prompt"], "chosen": target, "rejected": row["rejected"]}, i, tokenizer)
             if texts is None:  # an empty message list: nothing to regularise toward
                 skipped["empty target"] += 1
@@ -506,12 +507,12 @@ def train(args: Args) -> dict:
     steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
 
-    def batch_losses(batch: dict):
-        """SLiC-HF losses of one batch, with the diagnostics step metrics need."""
+    def batch_losses(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+        """SLiC-HF losses of one batch, and its step metrics."""
         with autocast():
             chosen, rejected, target = triple_logps(policy, batch)
         losses, hinge, margins = slic_loss(chosen, rejected, target, args.delta, args.lambda_reg)
-        return losses, hinge, margins, chosen, rejected, target
+        return losses, slic_metrics(split, losses, hinge, margins, chosen, rejected, target, args.delta)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -519,9 +520,9 @@ def train(args: Args) -> dict:
         totals, count = Counter(), 0
         for s in range(0, len(eval_rows), args.per_device_eval_batch_size):
             batch = to_device(collate_triples(eval_rows[s : s + args.per_device_eval_batch_size], pad_id), device)
-            out = batch_losses(batch)
-            n = len(out[0])
-            totals.update({k: v * n for k, v in slic_metrics("eval", *out, args.delta).items()})
+            losses, metrics = batch_losses(batch, "eval")
+            n = len(losses)
+            totals.update({k: v * n for k, v in metrics.items()})
             count += n
         policy.train()
         return {k: v / count for k, v in totals.items()}
@@ -570,13 +571,13 @@ def train(args: Args) -> dict:
         t0, tokens, sums = time.perf_counter(), 0, Counter()
         for epoch, rows in micro_batches(step):
             batch = to_device(collate_triples(rows, pad_id), device)
-            out = batch_losses(batch)
-            loss = out[0].mean()
+            losses, batch_metrics = batch_losses(batch, "train")
+            loss = losses.mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
             (loss / args.gradient_accumulation_steps).backward()
             tokens += int(batch["attention_mask"].sum())
-            sums.update(slic_metrics("train", *out, args.delta))
+            sums.update(batch_metrics)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")

@@ -5,7 +5,7 @@ with it once and free it); slic_hf.py has no reference at all. Each run trains o
 Llama and 160 synthetic pairs that benchmarks/bench_dpo.py builds (fp32, batch 8, AdamW), in a fresh subprocess,
 and reports its peak memory: the resident set (ru_maxrss) on CPU, and torch.cuda.max_memory_allocated on a GPU.
 
-    python benchmarks/bench_memory.py                 # CPU; about a minute
+    python benchmarks/bench_memory.py                 # CPU; about 6 minutes (four runs)
     python benchmarks/bench_memory.py --device cuda   # on a GPU machine
 
 The CPU figure includes the interpreter, torch and transformers (about 0.5 GB before any model is loaded), so

@@ -65,7 +65,7 @@ def main(cfg: Config) -> None:
         rows.append(f"| `python {script}.py` | {seconds:.0f} | {kl_y or 'no closed form'} | {toy.expected_reward(reference):.3f} → "
                     f"{toy.expected_reward(policy):.3f} | {kl_ref:.3f} | {toy.bottom_mass(policy):.1%} |")
         print(rows[-1], flush=True)
-    print("\n| command | wall s | KL(π|Y ‖ own optimum): reference → trained | E[r] | KL(π ‖ π_ref) | mass outside Y |\n|---|---|---|---|---|---|")
+    print("\n| command | wall s | KL on Y to its own optimum: reference → trained | E[r] | KL(π ‖ π_ref) | mass outside Y |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -31,20 +31,8 @@ def curves():
     return out, fdpo_toy.entropy_and_reward(ref_y)
 
 
-def test_every_optimum_gains_reward_and_the_family_meets_its_ends(curves):
-    points, (_, ref_reward) = curves
-    for beta in BETAS:
-        c = points[beta]
-        assert all(er > ref_reward for _, er in c.values())
-        for end, alpha in (("reverse_kl", 0.001), ("forward_kl", 0.999)):
-            assert c[("alpha", alpha)] == pytest.approx(c[(end, None)], abs=5e-3)  # within O(alpha) and O(1 - alpha)
-    for key in points[BETAS[0]]:
-        assert points[0.1][key][1] >= points[1.0][key][1] - 1e-9
-
-
-def test_report_the_trend(curves):
-    """Not an assertion about the trend: a record of it, for the README."""
-    points, (ref_entropy, ref_reward) = curves
+def report(points: dict, ref_entropy: float, ref_reward: float) -> None:
+    """The trend itself, recorded for the README under "measured on the toy world": reported, not asserted."""
     for beta in BETAS:
         c = points[beta]
         ent = [c[("alpha", a)][0] for a in ALPHAS]
@@ -55,4 +43,15 @@ def test_report_the_trend(curves):
             f"JS H={c[('js', None)][0]:.3f} E[r]={c[('js', None)][1]:.3f}; over alpha in [0.001, 0.999]: entropy "
             f"{'rises monotonically' if np.all(np.diff(ent) > 0) else f'is not monotone (min {min(ent):.3f} at alpha={ALPHAS[int(np.argmin(ent))]}, max {max(ent):.3f} at alpha={ALPHAS[int(np.argmax(ent))]})'}, "
             f"E[r] {'falls monotonically' if np.all(np.diff(er) < 0) else ('rises monotonically' if np.all(np.diff(er) > 0) else f'is not monotone (max {max(er):.3f} at alpha={ALPHAS[int(np.argmax(er))]})')}")
-    assert len(MEASURED) >= len(BETAS)
+
+
+def test_what_theory_guarantees_and_the_measured_trend(curves):
+    points, (ref_entropy, ref_reward) = curves
+    report(points, ref_entropy, ref_reward)  # first, so the figures are printed even if an assertion fails
+    for beta in BETAS:
+        c = points[beta]
+        assert all(er > ref_reward for _, er in c.values())
+        for end, alpha in (("reverse_kl", 0.001), ("forward_kl", 0.999)):
+            assert c[("alpha", alpha)] == pytest.approx(c[(end, None)], abs=5e-3)  # within O(alpha) and O(1 - alpha)
+    for key in points[BETAS[0]]:
+        assert points[0.1][key][1] >= points[1.0][key][1] - 1e-9
