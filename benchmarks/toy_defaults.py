@@ -1,6 +1,6 @@
 """Each offline script's default command on the toy world, timed and measured exactly: the README's default-run rows.
 
-    python benchmarks/toy_defaults.py                   # dpo, ipo, slic_hf; a few minutes
+    python benchmarks/toy_defaults.py                   # dpo, ipo, slic_hf, rrhf; a few minutes
     python benchmarks/toy_defaults.py --scripts dpo     # one of them
 
 Each script runs as a user runs it, `python X.py --output_dir <tmp>` with every other flag at its default, in a
@@ -33,7 +33,7 @@ world = toy.world
 
 @dataclasses.dataclass
 class Config:
-    scripts: tuple[str, ...] = ("dpo", "ipo", "slic_hf")
+    scripts: tuple[str, ...] = ("dpo", "ipo", "slic_hf", "rrhf")
     threads: int = 2
 
 

@@ -1,0 +1,54 @@
+"""fdpo.py end to end on the toy world: through its real data, tokenization and log-prob code, measured exactly.
+
+Each divergence is held to its own optimum on Y, pi*(y) = pi_ref(y|Y) (f')^{-1}((r(y) - lambda)/beta) with lambda
+normalising over Y (tests/fdpo_toy.py): the loss sees only answers in Y, so, as for DPO, the target is the policy
+conditioned on Y, with the mass that leaves Y reported beside it.
+
+How far it gets, and why not to 20% of the reference's KL (issue 5's target, not met). Measured, lr 3e-4, 16k pairs
+unless said, KL(pi|Y || pi*|Y) as a share of the reference's:
+- beta = 1: forward KL 65.8% (2 epochs), 62.8% (4 epochs, or 1 epoch of 64k fresh pairs: the same 2,048 steps),
+  58.8% (2 epochs of 64k); alpha = 0.5: 39.5%, 36.3% (4 epochs). Not the data: four times the pairs for the same steps
+  changes nothing. Not the model: fitting pi* directly by maximum likelihood on 65k of its samples, same steps, reaches
+  18.2%. The loss: the optimum puts 47% of the mass on the top reward level at u = pi/pi_ref = 15.7, where
+  d(beta f'(u))/d log u = beta u^(-alpha) (forward KL: beta/u) is 1/16 of its value at u = 1, so the loss is nearly
+  flat along the last stretch; the trained policy stops at u ~ 2.7 there (implied reward gap 0.3 where it should be 1).
+- beta = 2: forward 37.7%, alpha = 0.5 23.1% (3 epochs).
+- beta = 3 (below): forward 26.2% (25.8% after 5 epochs, 24.8% on 64k fresh pairs), alpha = 0.5 21.0% (19.2% on 64k
+  fresh pairs). Here the KL left is ~0.012 nats, which is the fitting floor: maximum likelihood on 65k samples of the
+  forward-KL optimum itself stops at 25.4%. The reverse KL (DPO) reaches 18.9% at the same setting.
+So this test holds each run to its measured figure (with the rounding below) and reports it; the 20% target needs a
+larger toy dataset and a longer run than the suite affords.
+"""
+
+import numpy as np
+import pytest
+from conftest import MEASURED
+
+import fdpo
+import fdpo_toy
+import toy
+
+world = toy.world
+BETA, EPOCHS = 3.0, 3
+
+
+@pytest.mark.parametrize("divergence, alpha, bound", [("forward_kl", 0.5, 0.30), ("alpha", 0.5, 0.25)], ids=["forward_kl", "alpha=0.5"])
+def test_fdpo_moves_toward_its_own_optimum_on_the_toy_world(tmp_path, divergence, alpha, bound):
+    """KL(pi|Y || pi*|Y) falls below `bound` of the reference's (measured: forward KL 26.2%, alpha = 0.5 21.0%), and the
+    mass outside Y stays under 5%."""
+    reference = toy.reference_logprobs()
+    fdpo.train(fdpo.Args(divergence=divergence, alpha=alpha, beta=BETA, learning_rate=3e-4, num_train_epochs=EPOCHS,
+                         precompute_ref_logps=True, eval_steps=0, logging_steps=10_000, output_dir=str(tmp_path / "fdpo"), device="cpu"))
+    policy = toy.exact_logprobs(tmp_path / "fdpo")
+    optimum = fdpo_toy.optima(reference, BETA, divergence, alpha if divergence == "alpha" else None)
+    kl = lambda logp: float(np.mean([world.kl(toy.on_answers(logp[p]), optimum[p]) for p in world.PROMPTS]))  # noqa: E731
+    kl_ref, kl_trained = kl(reference), kl(policy)
+    (h_ref, r_ref), (h, r) = (fdpo_toy.entropy_and_reward({p: toy.on_answers(d[p]) for p in world.PROMPTS}) for d in (reference, policy))
+    h_opt, r_opt = fdpo_toy.entropy_and_reward(optimum)
+    flag = f" --alpha {alpha}" if divergence == "alpha" else ""
+    MEASURED.append(f"fdpo.py --divergence {divergence}{flag}, {EPOCHS} epochs (beta={BETA:g}): KL(pi|Y || pi*|Y) {kl_ref:.4f} -> "
+                    f"{kl_trained:.4f} ({kl_trained / kl_ref:.1%} of the reference's; issue 5's target 20%); entropy on Y {h_ref:.3f} -> "
+                    f"{h:.3f} (optimum {h_opt:.3f}); E[r] on Y {r_ref:.3f} -> {r:.3f} (optimum {r_opt:.3f}); mass outside Y {toy.bottom_mass(policy):.3f}")
+    assert kl_trained <= bound * kl_ref
+    assert abs(r - r_opt) < abs(r_ref - r_opt)
+    assert toy.bottom_mass(policy) < 0.05
