@@ -26,15 +26,26 @@ def toy_model_dir(tmp_path_factory) -> Path:
     return Path(shutil.copytree(Path(__file__).resolve().parents[1] / "toy_world" / "model", tmp_path_factory.mktemp("toy") / "model"))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """The first N_TRAIN / N_TEST rows of the toy world's conversational pairs, as a local dataset with two splits."""
+def snapshot(tmp_path_factory, name: str) -> Path:
+    """The first N_TRAIN / N_TEST rows of toy_world/<name>, as a local dataset with two splits."""
     from helpers import N_TEST, N_TRAIN, TOY, head
 
-    d = tmp_path_factory.mktemp("data")
+    d = tmp_path_factory.mktemp(name)
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        head(TOY / "pairs" / f"{split}.jsonl", d / f"{split}.jsonl", n)
+        head(TOY / name / f"{split}.jsonl", d / f"{split}.jsonl", n)
     return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The toy world's conversational pairs, N_TRAIN / N_TEST rows."""
+    return snapshot(tmp_path_factory, "pairs")
+
+
+@pytest.fixture(scope="module")
+def ranked_dir(tmp_path_factory) -> Path:
+    """The toy world's ranked groups (k = 2-4 reference samples, true scores), N_TRAIN / N_TEST rows."""
+    return snapshot(tmp_path_factory, "ranked")
 
 
 @pytest.fixture(scope="module")

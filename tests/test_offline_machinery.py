@@ -1,9 +1,11 @@
-"""The training loops of ipo.py, slic_hf.py and fdpo.py: what each promises about saving, loading, resuming,
+"""The training loops of ipo.py, slic_hf.py, fdpo.py and rrhf.py: what each promises about saving, loading, resuming,
 determinism, non-finite steps and the command line, and the parts that are theirs alone (IPO's per-token averaging,
-SLiC-HF's target column and its single model, f-DPO's divergences).
+SLiC-HF's target column and its single model, f-DPO's divergences, RRHF's metrics, single model and reward-model
+scores).
 
-The data helpers both scripts share with dpo.py are byte-identical copies (test_copies_identical.py), so their
-tokenization, formats and batched log-probs are tested once, in test_dpo_machinery.py.
+The data helpers they share with dpo.py are byte-identical copies (test_copies_identical.py), so their tokenization,
+formats and batched log-probs are tested once, in test_dpo_machinery.py; rrhf.py's own ranked-data reader is tested in
+test_rrhf_data.py.
 """
 
 import json
@@ -12,24 +14,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import fdpo
 import ipo
+import rrhf
 import slic_hf
 from helpers import SHORT_RUN, assert_same_weights, cached_runner, python
 
-MODULES = {"ipo": ipo, "slic_hf": slic_hf, "fdpo": fdpo}
-LOSSES = {"ipo": "ipo_loss", "slic_hf": "slic_loss", "fdpo": "fdpo_loss"}
+MODULES = {"ipo": ipo, "slic_hf": slic_hf, "fdpo": fdpo, "rrhf": rrhf}
+LOSSES = {"ipo": "ipo_loss", "slic_hf": "slic_loss", "fdpo": "fdpo_loss", "rrhf": "rrhf_loss"}
 BASE_ARGS = SHORT_RUN
 P = "<|user|> how was the food ? <|assistant|>"
 
 
 @pytest.fixture(scope="module")
-def train_run(tmp_path_factory, toy_model_dir, data_dir):
-    """train_run(name, fresh=False, **overrides): that script's train() on the snapshots (helpers.cached_runner)."""
-    runners = {name: cached_runner(module, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir))
+def train_run(tmp_path_factory, toy_model_dir, data_dir, ranked_dir):
+    """train_run(name, fresh=False, **overrides): that script's train() on the snapshots (helpers.cached_runner); rrhf.py
+    trains on ranked groups, 16 a batch, the others on pairs."""
+    runners = {name: cached_runner(module, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir),
+                                   dataset_name=str(ranked_dir if name == "rrhf" else data_dir))
                for name, module in MODULES.items()}
     return lambda name, **kwargs: runners[name](**kwargs)
 
@@ -54,7 +60,7 @@ def wrap_loss(monkeypatch, name: str, edit=lambda call, losses: losses) -> list:
     return calls
 
 
-# --------------------------------------------------------------------------- both scripts
+# --------------------------------------------------------------------------- every script
 @pytest.mark.parametrize("name", MODULES)
 def test_saved_model_loads(train_run, toy_model_dir, toy_tokenizer, name):
     run = train_run(name)
@@ -97,7 +103,8 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
 
 @pytest.mark.parametrize("name, flags", [("ipo", ("--beta", "--average_log_probs")),
                                          ("slic_hf", ("--delta", "--lambda_reg", "--target_column")),
-                                         ("fdpo", ("--divergence", "--alpha", "--beta", "reverse_kl", "forward_kl"))])
+                                         ("fdpo", ("--divergence", "--alpha", "--beta", "reverse_kl", "forward_kl")),
+                                         ("rrhf", ("--rank_weight", "--reward_model_path", "--responses_column", "--scores_column"))])
 def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
     """`python X.py --help` imports the script as __main__, so anything the import printed would precede "usage:"."""
     result = python(f"{name}.py", "--help")
@@ -106,13 +113,16 @@ def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
     assert all(flag in result.stdout for flag in flags)
 
 
+KEPT = {"rrhf": "train: 1894 groups kept of 2048"}  # 154 groups of i.i.d. reference samples drew one score throughout: skipped, counted
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_default_command_runs(tmp_path, name):
-    """The default command on the whole toy world, capped at 20 steps: every default parses, all 16,384 pairs are
-    kept, and the saved model loads. (What the full default run reaches: benchmarks/toy_defaults.py.)"""
+    """The default command on the whole toy world, capped at 20 steps: every default parses, every pair (every group
+    with a ranking) is kept, and the saved model loads. (What the full default run reaches: benchmarks/toy_defaults.py.)"""
     result = python(f"{name}.py", "--max_steps", "20", "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train: 16384 pairs kept of 16384" in result.stdout and "step 20:" in result.stdout
+    assert KEPT.get(name, "train: 16384 pairs kept of 16384") in result.stdout and "step 20:" in result.stdout
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
@@ -239,3 +249,55 @@ def test_fdpo_divergence_reaches_the_loss(train_run, monkeypatch, divergence, al
 def test_fdpo_bad_alpha_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--alpha must be in"):
         fdpo.train(fdpo.Args(alpha=1.0, output_dir=str(tmp_path), device="cpu"))
+
+
+# --------------------------------------------------------------------------- rrhf.py
+def test_rrhf_metrics_are_the_loss_parts(train_run):
+    m = train_run("rrhf").metrics
+    assert not any("rewards" in k for k in m)
+    for split in ("train", "eval"):
+        assert m[f"{split}/loss"] == pytest.approx(m[f"{split}/rank"] + m[f"{split}/sft"], abs=1e-5)  # rank_weight 1
+        assert m[f"{split}/p/best"] == -m[f"{split}/sft"]
+        assert -1 <= m[f"{split}/p/kendall_tau"] <= 1 and 0 <= m[f"{split}/p/pair_accuracy"] <= 1
+
+
+def test_rrhf_loads_one_model(train_run, monkeypatch):
+    loads, real = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(rrhf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    train_run("rrhf", fresh=True, max_steps=1, save_steps=0)
+    assert len(loads) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tmp_path_factory, toy_model_dir):
+    """The toy model's body with a fresh one-label head (seeded): any scalar scorer will do to test the plumbing."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rm")
+    AutoModelForSequenceClassification.from_pretrained(toy_model_dir, num_labels=1).save_pretrained(path)
+    AutoTokenizer.from_pretrained(toy_model_dir).save_pretrained(path)
+    return path
+
+
+def test_rrhf_reward_model_scores_each_response_as_its_forward_does(tiny_reward_model, toy_tokenizer):
+    """Scores from the batched, padded, length-sorted pass equal a forward over each lone (prompt + response) text; rows
+    without a scores column are fine; an unusable row gets None."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    rows = [{"prompt": "how was the food ?", "completions": ["great food", "awful", "the film was very good"]},
+            {"prompt": "", "completions": ["great food", "awful"]},
+            {"prompt": "was the trip good ?", "completions": ["good trip", "bad"]}]
+    got = rrhf.reward_model_scores(Dataset.from_list(rows), model, toy_tokenizer, 512, 256, "train", "ranked", "completions", 2)
+    assert got[1] is None
+    with torch.no_grad():
+        for row, scores in zip((rows[0], rows[2]), (got[0], got[2])):
+            want = [model(**toy_tokenizer(row["prompt"] + y + "<|end|>", return_tensors="pt")).logits[0, 0].item() for y in row["completions"]]
+            assert scores == pytest.approx(want, abs=1e-4)
+
+
+def test_rrhf_reward_model_replaces_the_scores(train_run, tiny_reward_model, monkeypatch, capsys):
+    """The scores rrhf_loss sees are the reward model's, and the run reports how often it agrees with the data's."""
+    calls = wrap_loss(monkeypatch, "rrhf")
+    train_run("rrhf", fresh=True, reward_model_path=str(tiny_reward_model), max_steps=1, save_steps=0)
+    out = capsys.readouterr().out
+    assert "train: the reward model orders" in out and "of the data's strictly ordered pairs as the data does" in out
+    scores = calls[0][2]
+    assert not torch.equal(scores, scores.round(decimals=2))  # true toy scores are multiples of 0.25; a head's are not
