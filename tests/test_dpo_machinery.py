@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import wandb
 from datasets import Dataset, load_dataset
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, processors
@@ -373,7 +374,9 @@ def test_track_logs_every_step_to_wandb_offline(train_run, tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()  # wandb keeps the settings of an earlier run in this process (its directory included)
     train_run(fresh=True, track=True, max_steps=2, save_steps=0)
+    wandb.teardown()  # waits for wandb's service to write the run out: run.finish() can return first (seen once in CI, on busy cores)
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # the run's binary log (protobuf keeps keys as text)
     data = record.read_bytes()
     for key in ("train/loss", "train/rewards/margin", "train/rewards/accuracy", "perf/tokens_per_sec", "beta"):

@@ -288,6 +288,7 @@ def test_track_logs_metrics_and_sample_table_to_wandb_offline(train_run, tmp_pat
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb.teardown()  # wandb keeps the settings of an earlier run in this process (its directory included)
     train_run(fresh=True, track=True, num_rollouts=2, save_steps=0)
+    wandb.teardown()  # waits for wandb's service to write the run out: run.finish() can return first (seen once in CI, on busy cores)
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     data = record.read_bytes()
     for key in ("objective/kl", "objective/rlhf_reward", "policy/clipfrac", "perf/tokens_per_sec", "eval/samples", "kl_estimator"):
