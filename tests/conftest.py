@@ -43,6 +43,12 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory) -> Path:
+    """The toy world's SFT rows (answers from the known p_data), N_TRAIN / N_TEST rows."""
+    return snapshot(tmp_path_factory, "sft")
+
+
+@pytest.fixture(scope="module")
 def ranked_dir(tmp_path_factory) -> Path:
     """The toy world's ranked groups (k = 2-4 reference samples, true scores), N_TRAIN / N_TEST rows."""
     return snapshot(tmp_path_factory, "ranked")

@@ -1,0 +1,684 @@
+"""SPIN: Self-Play fINe-tuning, in one file.
+
+Paper: Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language Models
+to Strong Language Models", https://arxiv.org/abs/2401.01335
+
+Objective (Eq. 4.7 with the logistic loss): at iteration t the opponent pi_t is
+a frozen copy of the current model. For each SFT prompt x, y is the human
+answer and y' ~ pi_t(.|x) is generated; with
+h = [log pi(y|x) - log pi_t(y|x)] - [log pi(y'|x) - log pi_t(y'|x)],
+
+    L_SPIN = -E[ log sigmoid(beta * h) ]
+
+and pi_{t+1} is its minimiser. No preference labels: the data distribution
+p_data is the fixed point. The exact minimiser of one iteration's population
+loss is pi_{t+1} ∝ pi_t (p_data / pi_t)^(1/beta) (Theorem 5.4), so in log space
+the error shrinks by (1 - 1/beta) an iteration: for beta > 1/2 the exact
+iteration converges, for beta < 1/2 (the paper's 0.1) it overshoots. In
+practice each iteration takes a finite number of gradient steps from the
+previous iterate, and that is what moves toward p_data.
+
+Conventions and deviations
+- Each iteration: generate one response per training (and eval) prompt with the
+  current model (batched, `--temperature`, at most `--max_new_tokens` tokens
+  including <eos>); compute the opponent's log-probs of every (real, generated)
+  pair once with that same model, so only one model is ever in memory; then
+  train with a fresh optimizer and schedule, as the official recipe restarts
+  each iteration from the previous checkpoint.
+- `--previous_iteration_data` trains iteration t on the pairs generated at t
+  and at t-1 (the official recipe), both against the current opponent pi_t.
+- A generation that reaches --max_new_tokens without <eos> is kept, truncated
+  (its log-prob is that of the prefix), and counted. A generation equal to the
+  real answer is kept: such a pair has h = 0 and no gradient, as in the
+  population loss. Both counts are reported each iteration.
+- log pi(y|x) is summed over response tokens, as in dpo.py (whose data,
+  tokenization and log-prob code this file copies).
+
+Usage
+    python spin.py                                   # the embedded toy world (SFT answers from a known p_data), any CPU, under a minute
+    python spin.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset_name HuggingFaceH4/ultrachat_200k --train_split train_sft --eval_split test_sft \\
+        --beta 0.1 --num_iterations 3 --previous_iteration_data --learning_rate 5e-7 \\
+        --max_new_tokens 256 --per_device_train_batch_size 8 --gradient_accumulation_steps 8 \\
+        --max_length 1024 --gradient_checkpointing --output_dir runs/spin-qwen
+    python spin.py --resume_from runs/spin/iteration-1   # continue with iteration 1 (the second)
+
+Data: prompt/completion columns (strings, or message lists), or one `messages`
+column whose last message is the answer.
+
+Saved: output_dir/iteration-k holds pi_k (k = 1..T: the model after iteration
+k - 1), its args.json, and generated.jsonl, the pairs it was trained on
+(prompt, real and generated text). output_dir holds the final model.
+
+Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
+    train/loss                  mean SPIN loss
+    train/rewards/real          beta * (log pi - log pi_t) of the real (SFT) answer
+    train/rewards/generated     the same for the generated answer
+    train/rewards/margin        real minus generated (= beta * h)
+    train/rewards/accuracy      fraction of pairs with margin > 0
+    train/logps/real, train/logps/generated    summed log-probs under the policy
+    train/iteration             t
+    train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
+    train/epoch                 fractional epoch within the iteration
+    perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
+    eval/...                    the same quantities on the held-out prompts, at the end of each iteration
+    generation/identical, generation/no_eos, generation/length   per iteration: fraction of generations equal
+                                to the real answer, fraction cut at --max_new_tokens, mean tokens
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from datasets import DatasetDict, load_dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # ---- model and data
+    model_name_or_path: str = "toy_world/model"
+    """starting policy pi_0, usually an SFT model: a hub name or a local directory (a relative path is also looked up next to this file)"""
+    dataset_name: str = "toy_world/sft"
+    """SFT data: a hub name, a local directory, or a .json/.jsonl/.parquet/.csv file"""
+    dataset_config: Optional[str] = None
+    """the dataset's configuration name, if it has several"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """held-out split; if the dataset has none, `eval_holdout` rows of the train split are held out"""
+    eval_holdout: int = 512
+    """rows held out from the train split when the dataset has no `eval_split` (0: no evaluation)"""
+    max_length: int = 512
+    """longest prompt + response in tokens"""
+    max_prompt_length: int = 256
+    """tokens kept from the end of a prompt when a row is longer than max_length (and for generation)"""
+    # ---- SPIN
+    beta: float = 1.0
+    """beta, the inverse temperature of the logistic loss (Eq. 4.7). The paper uses 0.1; below 1/2 the exact iteration overshoots, and on the toy world beta = 0.1 does not close the gap (README)"""
+    num_iterations: int = 3
+    """T, self-play iterations: each generates with the current model, then trains against it"""
+    previous_iteration_data: bool = False
+    """train iteration t on the pairs generated at t and t-1, as the official recipe does"""
+    max_new_tokens: int = 5
+    """generation budget in tokens, <eos> included (the toy world's answers are at most 4 words + <eos>)"""
+    temperature: float = 1.0
+    """sampling temperature of the opponent's generations"""
+    per_device_generation_batch_size: int = 64
+    """prompts per generation batch"""
+    # ---- optimisation (per iteration)
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate (the toy world's; the paper uses 5e-7 for 7B models)"""
+    num_train_epochs: int = 1
+    """passes over each iteration's pairs"""
+    max_steps: int = -1
+    """if > 0, optimizer steps per iteration, overriding num_train_epochs"""
+    per_device_train_batch_size: int = 32
+    """pairs per micro-batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    per_device_eval_batch_size: int = 64
+    """pairs per evaluation (and opponent log-prob) batch"""
+    warmup_ratio: float = 0.1
+    """fraction of each iteration's steps with linear warmup; the rest decays linearly to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+    group_by_length: bool = True
+    """batch rows of similar length (within shuffled mega-batches) to cut padding"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    bf16: bool = True
+    """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
+    device: str = "auto"
+    """'auto' picks cuda, then mps, then cpu"""
+    # ---- logging, saving
+    logging_steps: int = 10
+    """print metrics every this many optimizer steps"""
+    num_sample_generations: int = 3
+    """(prompt, real, generated) examples printed (and sent to wandb) each iteration"""
+    output_dir: str = "runs/spin"
+    """where each iteration's model and data, and the final model, go"""
+    resume_from: Optional[str] = None
+    """an iteration directory written by this script (output_dir/iteration-k) to continue from, with iteration k"""
+    seed: int = 1
+    """seed for python, numpy and torch, generation, the data order and the held-out split"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "single-file-alignment"
+    """wandb project"""
+    run_name: Optional[str] = None
+    """wandb run name"""
+
+
+# --------------------------------------------------------------------------- the method
+def spin_loss(
+    policy_real_logps: torch.Tensor,
+    policy_generated_logps: torch.Tensor,
+    opponent_real_logps: torch.Tensor,
+    opponent_generated_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPIN loss per pair (arXiv:2401.01335, Eq. 4.7 with the logistic loss l(t) = log(1 + e^-t)).
+
+    All inputs are summed response log-probs, shape (B,): the real (SFT) answer
+    y and the opponent's generation y', under the policy and under the frozen
+    opponent pi_t. Returns losses (B,), and the detached rewards (B,)
+    beta * log(pi/pi_t) of the real and the generated answer.
+    """
+    real_logratios = policy_real_logps - opponent_real_logps  # (B,)
+    generated_logratios = policy_generated_logps - opponent_generated_logps  # (B,)
+    losses = -F.logsigmoid(beta * (real_logratios - generated_logratios))  # (B,)
+    return losses, (beta * real_logratios).detach(), (beta * generated_logratios).detach()
+
+
+# --------------------------------------------------------------------------- data
+SFT_FORMATS = (
+    "accepted SFT formats:\n"
+    "  prompt-completion:  prompt, completion as strings, or as lists of {'role', 'content'} messages\n"
+    "  conversational:     messages, a list of {'role', 'content'} messages whose last one is the answer"
+)
+
+def resolve_path(name: str) -> str:
+    """A local path as given, else relative to this file (so the toy-world defaults work from any cwd), else a hub name."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    return name if os.path.exists(name) or not os.path.exists(here) else here
+
+
+def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
+    """(train, eval) datasets from a hub name, a local directory or a data file."""
+    path = resolve_path(name)
+    if os.path.isfile(path):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
+        if kind is None:
+            raise ValueError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
+        data = DatasetDict({"train": load_dataset(kind, data_files=path, split="train")})
+    else:
+        data = load_dataset(path, config)
+    if train_split not in data:
+        raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
+    if eval_split in data:
+        return data[train_split], data[eval_split]
+    if holdout == 0:
+        print(f"no {eval_split!r} split in {name!r} and eval_holdout=0: no evaluation")
+        return data[train_split], None
+    print(f"no {eval_split!r} split in {name!r}: holding out {holdout} rows of {train_split!r} for evaluation")
+    parts = data[train_split].train_test_split(test_size=holdout, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def is_conversation(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def check_sft_columns(dataset, name: str) -> None:
+    """Stop early, naming the problem, if the columns fit neither SFT format."""
+    cols = set(dataset.column_names)
+    if "messages" not in cols and not {"prompt", "completion"} <= cols:
+        missing = "completion" if "prompt" in cols else "prompt"
+        raise ValueError(f"dataset {name!r} has no column {missing!r} and no 'messages' column (columns: {sorted(cols)}).\n{SFT_FORMATS}")
+
+
+def sft_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool]]:
+    """(prompt, completion, templated) as text, whichever format the row is in; None if a part is empty."""
+    if row.get("messages") is not None:
+        messages = row["messages"]
+        if not is_conversation(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ValueError(f"row {index}: 'messages' should be a list of {{'role', 'content'}} messages ending with the assistant's answer, "
+                             f"got {str(messages)[:80]!r}\n{SFT_FORMATS}")
+        prompt, completion = messages[:-1], messages[-1:]
+    else:
+        prompt, completion = row["prompt"], row["completion"]
+    chat = is_conversation(prompt)
+    for col, value in (("prompt", prompt), ("completion", completion)):
+        if not (is_conversation(value) if chat else isinstance(value, str)):
+            kind = "a list of {'role', 'content'} messages like 'prompt'" if chat else "a string like 'prompt'"
+            raise ValueError(f"row {index}: column {col!r} should be {kind}, got {type(value).__name__}: {str(value)[:80]!r}\n{SFT_FORMATS}")
+    if not prompt or (chat and not completion):  # an empty text answer is kept: it is scored as its <eos>
+        return None
+    if not chat:
+        return prompt, completion, False
+    if tokenizer.chat_template is None:
+        raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its prefix; cannot separate the response")
+    return prompt_text, full[len(prompt_text) :].rstrip(), True  # as dpo.py: what follows the turn's end token is dropped
+
+
+def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos).
+
+    A merge across the boundary changes the prompt's last tokens; the tokens
+    from the first difference on are the response (TRL does the same).
+    """
+    add_special = not templated  # a chat template already writes its own bos
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    full_ids = tokenizer(prompt + response, add_special_tokens=add_special)["input_ids"]
+    n = 0
+    while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+        n += 1
+    response_ids = full_ids[n:]
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # an empty answer is its <eos> alone
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return full_ids[:n], response_ids
+
+
+def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
+    """Each usable row's prompt ids (to generate from), the real answer's full sequence, and where its response starts."""
+    rows, skipped, truncated = [], Counter(), 0
+    for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
+        texts = sft_texts(row, i, tokenizer)
+        if texts is None:
+            skipped["empty prompt or answer"] += 1
+            continue
+        prompt, completion, templated = texts
+        pc, c = tokenize_response(tokenizer, prompt, completion, templated)
+        prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        if not (pc and prompt_ids):
+            skipped["empty prompt or answer"] += 1
+            continue
+        if len(pc) + len(c) > max_length:
+            truncated += 1
+            pc = pc[-max_prompt_length:]
+            c = c[: max_length - len(pc)]
+        rows.append({"prompt": prompt_ids[-max_prompt_length:], "real": pc + c, "real_start": len(pc), "text": (prompt, completion)})
+    report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+    print(f"{desc}: {len(rows)} SFT rows kept of {len(dataset)}; {truncated} truncated to {max_length} tokens; skipped: {report}")
+    if not rows:
+        raise ValueError(f"no usable rows in the {desc} split")
+    return rows
+
+
+def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """One epoch of batches (row indices), a pure function of (seed, epoch) so a resumed run replays it exactly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    if group_by_length:  # sort within mega-batches of 64 batches, then shuffle the batches
+        mega = 64 * batch_size
+        length = lambda i: max(len(rows[i]["chosen"]), len(rows[i]["rejected"]))  # noqa: E731
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=length, reverse=True)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Chosen then rejected sequences in one right-padded batch of 2B rows.
+
+    `targets` holds the next token at each position and -100 where it is not
+    a response token, so log-probs are gathered at response positions only.
+    """
+    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    starts = [r["chosen_start"] for r in rows] + [r["rejected_start"] for r in rows]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for b, (seq, start) in enumerate(zip(seqs, starts)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention_mask[b, : len(seq)] = 1
+        targets[b, start - 1 : len(seq) - 1] = torch.tensor(seq[start:])  # position t predicts token t+1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "index": torch.tensor([r["index"] for r in rows])}
+
+
+# --------------------------------------------------------------------------- generation and log-probs
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, P): prompts left-padded so that every response starts at column P."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
+             generator: torch.Generator) -> torch.Tensor:
+    """Sample up to max_new_tokens after each left-padded query (B, P) with the KV cache; returns ids (B, R).
+
+    Stops as soon as every row has sampled an EOS; what a row samples after its
+    EOS is cut by truncate_after_eos.
+    """
+    position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
+    out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    attention_mask, position = query_mask, position_ids[:, -1:]
+    tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
+    while True:
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        tokens.append(token)
+        done |= token[:, 0] == eos_id
+        if done.all() or len(tokens) == max_new_tokens:
+            return torch.cat(tokens, dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        position = position + 1
+        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position, past_key_values=out.past_key_values,
+                    use_cache=True)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each sampled response after its first EOS.
+
+    responses (B, R) sampled ids. Returns the responses with every token after
+    the first EOS replaced by pad_id (B, R), the mask of kept tokens (B, R, EOS
+    included) and has_eos (B,).
+    """
+    is_eos = responses == eos_id
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return responses.masked_fill(after, pad_id), ~after, is_eos.any(-1)
+
+
+def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: Args, iteration: int, desc: str, device, autocast) -> tuple[list[dict], dict]:
+    """One generation per SFT row from `model` (the opponent), as dpo.py-style pairs: chosen = real, rejected = generated.
+
+    Returns the pairs and generation statistics. The sampler is seeded by
+    (seed, iteration, split), so a resumed run regenerates the same data.
+    """
+    g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + 7919 * iteration + (desc == "eval"))
+    pairs, identical, no_eos, length = [], 0, 0, 0
+    model.eval()
+    order = sorted(range(len(sft_rows)), key=lambda i: len(sft_rows[i]["prompt"]))  # similar prompt lengths: little padding
+    generated: dict[int, list[int]] = {}
+    for s in tqdm(range(0, len(order), args.per_device_generation_batch_size), desc=f"generating ({desc}, iteration {iteration})", leave=False):
+        chunk = order[s : s + args.per_device_generation_batch_size]
+        query, query_mask = left_pad([sft_rows[i]["prompt"] for i in chunk], pad_id)
+        with autocast():
+            responses = generate(model, query.to(device), query_mask.to(device), args.max_new_tokens, args.temperature, tokenizer.eos_token_id, g)
+        responses, mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
+        for b, i in enumerate(chunk):
+            generated[i] = responses[b][mask[b]].tolist()
+            no_eos += not bool(has_eos[b])
+    for i, row in enumerate(sft_rows):
+        rejected = row["prompt"] + generated[i]
+        identical += rejected == row["real"]
+        length += len(generated[i])
+        pairs.append({"chosen": row["real"], "chosen_start": row["real_start"], "rejected": rejected, "rejected_start": len(row["prompt"]),
+                      "index": i, "text": (*row["text"], tokenizer.decode(generated[i], skip_special_tokens=True))})
+    n = len(sft_rows)
+    stats = {"generation/identical": identical / n, "generation/no_eos": no_eos / n, "generation/length": length / n}
+    print(f"{desc}, iteration {iteration}: {n} generations, {identical} equal to the real answer, {no_eos} cut at {args.max_new_tokens} tokens "
+          f"without <eos>, {length / n:.1f} tokens on average")
+    return pairs, stats
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the response tokens of each row, and their counts.
+
+    The transformer body runs on the whole batch (N, T); the LM head and a
+    float32 log-softmax run only at the positions that predict a response
+    token, so no (N, T, V) logits tensor is ever built.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+    mask = targets != -100  # (N, T)
+    logits = model.get_output_embeddings()(hidden[mask]).float()  # (M, V), M = response tokens in the batch
+    config = model.config.get_text_config()  # what each model's forward does to its logits after the LM head:
+    if getattr(config, "logits_scaling", None):  # Granite divides them
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):  # Cohere multiplies them
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    token_logps = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
+    sums = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, row, token_logps)  # (N,)
+    return sums, mask.sum(-1)
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_logps, rejected_logps), each (B,), from one forward over the 2B concatenated rows."""
+    sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    return sums.chunk(2)
+
+
+# --------------------------------------------------------------------------- training
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, device, autocast, desc: str) -> torch.Tensor:
+    """Reference log-probs of every pair, shape (len(rows), 2) = (chosen, rejected), in one pass."""
+    out = torch.zeros(len(rows), 2)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["chosen"]) + len(rows[i]["rejected"]))  # little padding
+    for s in tqdm(range(0, len(order), batch_size), desc=f"reference log-probs ({desc})", leave=False):
+        batch = to_device(collate([rows[i] for i in order[s : s + batch_size]], pad_id), device)
+        with autocast():
+            chosen, rejected = pair_logps(ref_model, batch)
+        out[batch["index"].cpu()] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    return out
+
+
+def spin_metrics(prefix: str, losses, policy_real, policy_generated, real_rewards, generated_rewards) -> dict:
+    margin = real_rewards - generated_rewards
+    return {
+        f"{prefix}/loss": losses.mean().item(),
+        f"{prefix}/rewards/real": real_rewards.mean().item(),
+        f"{prefix}/rewards/generated": generated_rewards.mean().item(),
+        f"{prefix}/rewards/margin": margin.mean().item(),
+        f"{prefix}/rewards/accuracy": (margin > 0).float().mean().item(),
+        f"{prefix}/logps/real": policy_real.detach().mean().item(),
+        f"{prefix}/logps/generated": policy_generated.detach().mean().item(),
+    }
+
+
+def enable_gradient_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    if state is not None:
+        torch.save(state, os.path.join(path, "training_state.pt"))
+
+
+def save_pairs(path: str, pairs: list[dict]) -> None:
+    """The pairs an iteration trained on: as text (generated.jsonl, to read) and as token ids (pairs.pt, to resume from)."""
+    with open(os.path.join(path, "generated.jsonl"), "w") as f:
+        for p in pairs:
+            prompt, real, gen = p["text"]
+            f.write(json.dumps({"prompt": prompt, "real": real, "generated": gen}) + "\n")
+    torch.save([{k: v for k, v in p.items() if k != "text"} | {"text": list(p["text"])} for p in pairs], os.path.join(path, "pairs.pt"))
+
+
+def train(args: Args) -> dict:
+    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
+        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    use_bf16 = args.bf16 and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    # ---- the policy: pi_0, or the iteration to resume from. The opponent is the policy itself, before each iteration trains it
+    policy_path = resolve_path(args.resume_from or args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {policy_path!r} has no eos token; responses need one")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    first, previous = 0, None
+    if args.resume_from:
+        state_file = os.path.join(policy_path, "spin_state.json")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"--resume_from needs an iteration directory written by spin.py (output_dir/iteration-k); "
+                                    f"{policy_path!r} has no spin_state.json")
+        with open(state_file) as f:
+            first = json.load(f)["next_iteration"]
+        previous = torch.load(os.path.join(policy_path, "pairs.pt"), weights_only=False)
+        print(f"resumed from {args.resume_from}: iteration {first} next")
+
+    # ---- data
+    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
+    check_sft_columns(train_data, args.dataset_name)
+    train_sft = tokenize_sft(train_data, tokenizer, args.max_length, args.max_prompt_length, "train")
+    eval_sft = []
+    if eval_data is not None:
+        check_sft_columns(eval_data, args.dataset_name)
+        eval_sft = tokenize_sft(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
+
+    run = None
+    if args.track:
+        import wandb  # imported here so that importing this file stays silent and fast
+
+        run = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
+
+    metrics: dict = {}
+    done_steps = 0
+    for t in range(first, args.num_iterations):
+        # 1-2. the opponent pi_t is the current model: generate with it, and pair each real answer with its generation
+        pairs, gen_stats = self_play_pairs(policy, train_sft, tokenizer, pad_id, args, t, "train", device, autocast)
+        eval_pairs = self_play_pairs(policy, eval_sft, tokenizer, pad_id, args, t, "eval", device, autocast)[0] if eval_sft else []
+        for p in pairs[: args.num_sample_generations]:
+            print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
+        # 3. the pairs to train on (with the previous iteration's, if asked), and the opponent's log-probs of them, once
+        train_rows = pairs + ([p | {"index": len(pairs) + i} for i, p in enumerate(previous)] if args.previous_iteration_data and previous else [])
+        print(f"iteration {t}: training on {len(train_rows)} pairs ({len(train_rows) - len(pairs)} from iteration {t - 1})")
+        opponent = {"train": precompute_ref_logps(policy, train_rows, args.per_device_eval_batch_size, pad_id, device, autocast, "train"),
+                    "eval": precompute_ref_logps(policy, eval_pairs, args.per_device_eval_batch_size, pad_id, device, autocast, "eval")}
+        batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
+        if batches_per_epoch < args.gradient_accumulation_steps:
+            raise ValueError(f"{len(train_rows)} training pairs make {batches_per_epoch} micro-batches of {args.per_device_train_batch_size}, "
+                             f"fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}")
+        steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+
+        def batch_losses(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+            """SPIN losses of one batch, and its step metrics."""
+            with autocast():
+                real, generated = pair_logps(policy, batch)
+            ref = opponent[split][batch["index"].cpu()].to(device)
+            losses, rr, gr = spin_loss(real, generated, ref[:, 0], ref[:, 1], args.beta)
+            return losses, spin_metrics(split, losses, real, generated, rr, gr)
+
+        @torch.no_grad()
+        def evaluate() -> dict:
+            policy.eval()
+            totals, count = Counter(), 0
+            for s in range(0, len(eval_pairs), args.per_device_eval_batch_size):
+                batch = to_device(collate(eval_pairs[s : s + args.per_device_eval_batch_size], pad_id), device)
+                losses, m = batch_losses(batch, "eval")
+                totals.update({k: v * len(losses) for k, v in m.items()})
+                count += len(losses)
+            policy.train()
+            return {k: v / count for k, v in totals.items()}
+
+        # 4. train pi_{t+1} from pi_t: a fresh optimizer and schedule each iteration
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        warmup = int(args.warmup_ratio * total_steps)
+
+        def lr_factor(s: int) -> float:
+            if s < warmup:
+                return (s + 1) / (warmup + 1)
+            return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        orders: dict[int, list[list[int]]] = {}
+
+        def micro_batches(step: int):
+            """The micro-batches of optimizer step `step`, wherever the epoch boundaries fall."""
+            per_epoch = steps_per_epoch * args.gradient_accumulation_steps
+            for m in range(args.gradient_accumulation_steps):
+                epoch, i = divmod(step * args.gradient_accumulation_steps + m, per_epoch)
+                if epoch not in orders:  # the order is a function of (seed, iteration, epoch)
+                    orders[epoch] = batch_order(train_rows, args.per_device_train_batch_size, args.seed, 10_000 * t + epoch, args.group_by_length)
+                yield epoch + i / per_epoch, [train_rows[j] for j in orders[epoch][i]]
+
+        policy.train()
+        progress = tqdm(range(total_steps), desc=f"spin, iteration {t}")
+        for step in progress:
+            t0, tokens, sums = time.perf_counter(), 0, Counter()
+            for epoch, rows in micro_batches(step):
+                batch = to_device(collate(rows, pad_id), device)
+                losses, batch_metrics = batch_losses(batch, "train")
+                loss = losses.mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step} of iteration {t}; stopping. Last good iteration: "
+                                             f"{os.path.join(args.output_dir, f'iteration-{t}') if t > first else args.resume_from or 'none saved'}")
+                (loss / args.gradient_accumulation_steps).backward()
+                tokens += int(batch["attention_mask"].sum())
+                sums.update(batch_metrics)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step} of iteration {t}; stopping")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            metrics = {k: v / args.gradient_accumulation_steps for k, v in sums.items()}
+            metrics.update({"train/iteration": t, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
+                            "perf/tokens_per_sec": tokens / (time.perf_counter() - t0)})
+            done = step + 1
+            done_steps += 1
+            if done == total_steps:
+                metrics.update(gen_stats)
+                if eval_pairs:
+                    metrics.update(evaluate())
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
+            if done % args.logging_steps == 0 or done == total_steps:
+                tqdm.write(f"iteration {t}, step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if run is not None:
+                run.log(metrics, step=done_steps)
+        if run is not None:
+            import wandb
+
+            run.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"],
+                                                       data=[list(p["text"]) for p in pairs[: args.num_sample_generations]])}, step=done_steps)
+        # 5. save pi_{t+1} and the pairs it was trained on
+        path = os.path.join(args.output_dir, f"iteration-{t + 1}")
+        save(path, policy, tokenizer, args)
+        save_pairs(path, pairs)
+        with open(os.path.join(path, "spin_state.json"), "w") as f:
+            json.dump({"next_iteration": t + 1}, f)
+        previous = pairs
+    save(args.output_dir, policy, tokenizer, args)
+    if run is not None:
+        run.finish()
+    return metrics
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args, use_underscores=True))
