@@ -25,8 +25,10 @@ Conventions and deviations
   pair once with that same model, so only one model is ever in memory; then
   train with a fresh optimizer and schedule, as the official recipe restarts
   each iteration from the previous checkpoint.
-- `--previous_iteration_data` trains iteration t on the pairs generated at t
-  and at t-1 (the official recipe), both against the current opponent pi_t.
+- Iteration t trains on the pairs generated at t and at t-1 (the official
+  recipe), both against the current opponent pi_t;
+  `--no-previous_iteration_data` uses only t's. On the toy world the official
+  choice is what makes every iteration close the gap (README).
 - A generation that reaches --max_new_tokens without <eos> is kept, truncated
   (its log-prob is that of the prefix), and counted. A generation equal to the
   real answer is kept: such a pair has h = 0 and no gradient, as in the
@@ -38,7 +40,7 @@ Usage
     python spin.py                                   # the embedded toy world (SFT answers from a known p_data), any CPU, under a minute
     python spin.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset_name HuggingFaceH4/ultrachat_200k --train_split train_sft --eval_split test_sft \\
-        --beta 0.1 --num_iterations 3 --previous_iteration_data --learning_rate 5e-7 \\
+        --beta 0.1 --num_iterations 3 --learning_rate 5e-7 \\
         --max_new_tokens 256 --per_device_train_batch_size 8 --gradient_accumulation_steps 8 \\
         --max_length 1024 --gradient_checkpointing --output_dir runs/spin-qwen
     python spin.py --resume_from runs/spin/iteration-1   # continue with iteration 1 (the second)
@@ -109,8 +111,8 @@ class Args:
     """beta, the inverse temperature of the logistic loss (Eq. 4.7). The paper uses 0.1; below 1/2 the exact iteration overshoots, and on the toy world beta = 0.1 does not close the gap (README)"""
     num_iterations: int = 3
     """T, self-play iterations: each generates with the current model, then trains against it"""
-    previous_iteration_data: bool = False
-    """train iteration t on the pairs generated at t and t-1, as the official recipe does"""
+    previous_iteration_data: bool = True
+    """train iteration t on the pairs generated at t and t-1, as the official recipe does (--no-previous_iteration_data: only t's)"""
     max_new_tokens: int = 5
     """generation budget in tokens, <eos> included (the toy world's answers are at most 4 words + <eos>)"""
     temperature: float = 1.0

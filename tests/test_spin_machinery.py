@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import spin
 from helpers import N_TEST, N_TRAIN, assert_same_weights, cached_runner, python
 
-BASE = dict(num_iterations=2, max_steps=2, per_device_train_batch_size=16, per_device_eval_batch_size=16, logging_steps=1000, device="cpu")
+BASE = dict(num_iterations=2, previous_iteration_data=False, max_steps=2, per_device_train_batch_size=16, per_device_eval_batch_size=16, logging_steps=1000, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,72 @@
+"""spin.py end to end on the toy world: the exact distance from the policy to p_data after every iteration, against
+plain SFT on the same data for the same number of steps.
+
+The toy SFT data are answers drawn from a known p_data (toy_world/world.py: sft_answer_distribution, ten short
+answers per prompt), which the reference model was not trained on: TV(pi_ref, p_data) = 0.953. Both distances are
+exact, over all 41,371 answers and BOTTOM.
+"""
+
+import numpy as np
+import torch
+from conftest import MEASURED
+
+import spin
+import toy
+
+world = toy.world
+
+
+def p_data(prompt: str) -> np.ndarray:
+    v = np.zeros(len(world.RESPONSES) + 1)
+    for y, q in world.sft_answer_distribution(prompt).items():
+        v[world.RESPONSE_INDEX[y]] = q
+    return v
+
+
+def tv_to_p_data(policy: dict) -> float:
+    return float(np.mean([0.5 * np.abs(np.exp(policy[p]) - p_data(p)).sum() for p in world.PROMPTS]))
+
+
+def sft(out, steps: int, args: spin.Args) -> None:
+    """Plain SFT of the same start on the same real answers: the token-mean cross-entropy, with spin.py's own
+    tokenization, batching, log-prob code and schedule (AdamW, 10% warmup, linear decay), for `steps` steps."""
+    torch.manual_seed(args.seed)
+    model, tok = toy.load(toy.os.path.join(toy.TOY, "model"))
+    model.train()
+    rows = spin.tokenize_sft(spin.load_splits(args.dataset_name, None, "train", "test", 0, args.seed)[0], tok, 512, 256, "train")
+    pairs = [{"chosen": r["real"], "chosen_start": r["real_start"], "rejected": r["real"], "rejected_start": r["real_start"], "index": i}
+             for i, r in enumerate(rows)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    warmup = int(0.1 * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else (steps - s) / (steps - warmup))
+    per_epoch = len(pairs) // args.per_device_train_batch_size
+    for step in range(steps):
+        order = spin.batch_order(pairs, args.per_device_train_batch_size, args.seed, step // per_epoch, True)
+        batch = spin.collate([pairs[j] for j in order[step % per_epoch]], tok.pad_token_id)
+        sums, counts = spin.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+        half = len(sums) // 2  # the real answers (the collate's second half repeats them)
+        loss = -sums[:half].sum() / counts[:half].sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def test_spin_closes_the_gap_to_p_data_at_every_iteration(tmp_path):
+    """The default run: beta = 1, 3 iterations, each on its own and the previous iteration's pairs (64 + 128 + 128
+    steps). Measured: TV 0.953 -> 0.851 -> 0.647 -> 0.606 (without the previous iteration's pairs: 0.851, 0.743,
+    0.806, not monotone). Plain SFT for the same 320 steps is reported beside it."""
+    args = spin.Args(output_dir=str(tmp_path / "spin"), logging_steps=10_000, device="cpu")
+    spin.train(args)
+    tvs = [tv_to_p_data(toy.reference_logprobs())] + [tv_to_p_data(toy.exact_logprobs(tmp_path / "spin" / f"iteration-{k}")) for k in (1, 2, 3)]
+    sft(tmp_path / "sft", 64 + 128 + 128, args)
+    sft_policy = toy.exact_logprobs(tmp_path / "sft")
+    final = toy.exact_logprobs(tmp_path / "spin")
+    MEASURED.append(f"python spin.py (beta={args.beta:g}, 3 iterations): TV(pi, p_data) " + " -> ".join(f"{x:.3f}" for x in tvs)
+                    + f"; mass outside Y {toy.bottom_mass(final):.3f}. Plain SFT, same data and 320 steps: TV {tv_to_p_data(sft_policy):.3f}, "
+                    f"mass outside Y {toy.bottom_mass(sft_policy):.3f}")
+    assert all(b < a for a, b in zip(tvs, tvs[1:]))
+    assert tvs[-1] < tvs[0] - 0.5 * (0.953 - 0.606)  # at least half the measured gain
