@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import wandb
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -173,3 +174,17 @@ def test_default_command_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train: 2048 SFT rows kept of 2048" in result.stdout and "iteration 1, step 5:" in result.stdout
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_track_logs_metrics_and_sample_generations_to_wandb_offline(train_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()  # wandb keeps the settings of an earlier run in this process (its directory included)
+    train_run(fresh=True, track=True)
+    wandb.teardown()  # waits for wandb's service to write the run out
+    (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    for key in ("train/rewards/real", "train/iteration", "eval/rewards/margin", "generation/identical", "previous_iteration_data"):
+        assert key.encode() in data
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/generation/samples_*.table.json"))
