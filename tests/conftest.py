@@ -1,5 +1,6 @@
 """Shared test setup: `import dpo` works from any working directory, and CPU work stays single-threaded."""
 
+import json
 import os
 import shutil
 import sys
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock  # a dependency of torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,23 +85,44 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(items):
-    """The long end-to-end tests first, so that pytest-xdist's workers do not end on them one after another."""
-    items.sort(key=lambda item: not item.module.__name__.endswith("_toy_world"))
+    """The long end-to-end tests first, so that pytest-xdist's workers do not end on them one after another. Among
+    them, one test that needs the session's reward model leads (its worker trains it while the other runs the
+    remaining end-to-end tests) and the others that need it come last, when it is there to load rather than wait for."""
+    needs_rm = [item for item in items if "toy_reward_model" in item.fixturenames]
+    first = needs_rm[0] if needs_rm else None
+
+    def rank(item) -> int:
+        if item is first:
+            return 0
+        if not item.module.__name__.endswith("_toy_world"):
+            return 3
+        return 2 if item in needs_rm else 1
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
 def toy_reward_model(tmp_path_factory):
-    """`python reward_model.py` with every default, trained once per session on snapshots of the toy model and pairs.
+    """`python reward_model.py` with every default, trained once per test session on snapshots of the toy model and pairs.
 
-    test_reward_model_toy_world.py measures it; test_ppo_toy_world.py trains PPO against it, as
-    `python reward_model.py && python ppo_rlhf.py` does.
+    test_reward_model_toy_world.py measures it; test_ppo_toy_world.py and test_rrhf_toy_world.py train against it, as
+    `python reward_model.py && python ppo_rlhf.py` does. Session fixtures are per process, so under pytest-xdist the
+    workers share one training through a lock and the session's common temporary directory: the first to need it
+    trains it, the others load what it saved. (pytest-xdist's xdist_group marks would keep the users on one worker
+    instead, but pytest 9 ignores the node-id suffix they rely on.)
     """
     import reward_model
 
-    d = tmp_path_factory.mktemp("reward_model")
-    toy = Path(__file__).resolve().parents[1] / "toy_world"
-    model_dir, data_dir = (shutil.copytree(toy / name, d / name) for name in ("model", "pairs"))
-    args = reward_model.Args(model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(d / "out"), device="cpu")
-    start = time.perf_counter()
-    metrics = reward_model.train(args)
-    return SimpleNamespace(path=args.output_dir, data_dir=data_dir, metrics=metrics, seconds=time.perf_counter() - start)
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("rm")  # the parent is this session's, common to its workers
+    d, record = root / "toy_reward_model", root / "toy_reward_model.json"
+    with FileLock(str(root / "toy_reward_model.lock")):
+        if not record.exists():
+            toy = Path(__file__).resolve().parents[1] / "toy_world"
+            model_dir, data_dir = (shutil.copytree(toy / name, d / name) for name in ("model", "pairs"))
+            args = reward_model.Args(model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(d / "out"), device="cpu")
+            start = time.perf_counter()
+            metrics = reward_model.train(args)
+            record.write_text(json.dumps({"metrics": metrics, "seconds": time.perf_counter() - start}))
+    saved = json.loads(record.read_text())
+    return SimpleNamespace(path=str(d / "out"), data_dir=d / "pairs", metrics=saved["metrics"], seconds=saved["seconds"])

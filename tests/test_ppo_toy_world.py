@@ -13,7 +13,6 @@ puts outside Y reported beside it (BOTTOM's true reward is 0, and E[r] counts it
 import copy
 
 import numpy as np
-import pytest
 import torch
 from conftest import MEASURED
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -21,8 +20,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import ppo_rlhf as ppo
 import toy
 
-# both modules use the session-wide toy_reward_model: keep them on one pytest-xdist worker so it is trained once
-pytestmark = pytest.mark.xdist_group("toy_reward_model")
 
 world = toy.world
 NUM_ROLLOUTS = 30  # of the default 100: about 30 s on 2 cores; every other setting is the default

@@ -18,8 +18,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import toy
 
-# both modules use the session-wide toy_reward_model: keep them on one pytest-xdist worker so it is trained once
-pytestmark = pytest.mark.xdist_group("toy_reward_model")
 
 world = toy.world
 N_ANSWERS = 2048  # answers per prompt for the correlation: a seeded uniform sample of Y (41,371), shared by all prompts

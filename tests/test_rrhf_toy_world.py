@@ -9,7 +9,6 @@ as the true scores do (Kendall's tau over each group's untied pairs, mean over t
 import json
 
 import numpy as np
-import pytest
 from conftest import MEASURED
 
 import rrhf
@@ -60,7 +59,6 @@ def test_rrhf_raises_reward_and_ranks_held_out_groups(tmp_path):
     assert tau - tau_ref > 0.5 * (0.821 - 0.284)
 
 
-@pytest.mark.xdist_group("toy_reward_model")
 def test_rrhf_with_a_learned_reward_model(tmp_path, toy_reward_model):
     """The paper's setting: the same responses, scored by `python reward_model.py`'s model rather than the true reward.
     Measured: E[r] 1.849 -> 2.476, tau against the true scores 0.284 -> 0.838; held to at least half of each gain."""
