@@ -418,9 +418,8 @@ def reward_model_scores(dataset, reward_model, tokenizer, max_length: int, max_p
                 r = r[: max_length - len(p)]
             seqs.append(p + r)
             owner.append((i, j))
-    scores: list[Optional[list[float]]] = [None] * len(dataset)
-    for i, j in owner:
-        scores[i] = (scores[i] or []) + [0.0]
+    counts = Counter(i for i, _ in owner)
+    scores: list[Optional[list[float]]] = [[0.0] * counts[i] if i in counts else None for i in range(len(dataset))]
     order = sorted(range(len(seqs)), key=lambda s: len(seqs[s]))  # similar lengths together: less padding
     with torch.no_grad():
         for s in tqdm(range(0, len(order), batch_size), desc=f"scoring {desc} with the reward model", leave=False):

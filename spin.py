@@ -3,7 +3,7 @@
 Paper: Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language Models
 to Strong Language Models", https://arxiv.org/abs/2401.01335
 
-Objective (Eq. 4.7 with the logistic loss): at iteration t the opponent pi_t is
+Objective (Sec. 4, with the logistic loss): at iteration t the opponent pi_t is
 a frozen copy of the current model. For each SFT prompt x, y is the human
 answer and y' ~ pi_t(.|x) is generated; with
 h = [log pi(y|x) - log pi_t(y|x)] - [log pi(y'|x) - log pi_t(y'|x)],
@@ -49,7 +49,8 @@ Data: prompt/completion columns (strings, or message lists), or one `messages`
 column whose last message is the answer.
 
 Saved: output_dir/iteration-k holds pi_k (k = 1..T: the model after iteration
-k - 1), its args.json, and generated.jsonl, the pairs it was trained on
+k - 1), its args.json, and generated.jsonl, the pairs generated at iteration k - 1
+(with --previous_iteration_data it also trained on iteration k - 2's)
 (prompt, real and generated text). output_dir holds the final model.
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
@@ -108,7 +109,7 @@ class Args:
     """tokens kept from the end of a prompt when a row is longer than max_length (and for generation)"""
     # ---- SPIN
     beta: float = 1.0
-    """beta, the inverse temperature of the logistic loss (Eq. 4.7). The paper uses 0.1; below 1/2 the exact iteration overshoots, and on the toy world beta = 0.1 does not close the gap (README)"""
+    """beta, the scale of the log-ratios inside the logistic loss (Sec. 4). The paper uses 0.1; below 1/2 the exact iteration overshoots, and on the toy world beta = 0.1 does not close the gap (README)"""
     num_iterations: int = 3
     """T, self-play iterations: each generates with the current model, then trains against it"""
     previous_iteration_data: bool = True
@@ -173,7 +174,7 @@ def spin_loss(
     opponent_generated_logps: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPIN loss per pair (arXiv:2401.01335, Eq. 4.7 with the logistic loss l(t) = log(1 + e^-t)).
+    """SPIN loss per pair (arXiv:2401.01335, Sec. 4, with the logistic loss l(t) = log(1 + e^-t)).
 
     All inputs are summed response log-probs, shape (B,): the real (SFT) answer
     y and the opponent's generation y', under the policy and under the frozen
@@ -516,7 +517,8 @@ def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) 
 
 
 def save_pairs(path: str, pairs: list[dict]) -> None:
-    """The pairs an iteration trained on: as text (generated.jsonl, to read) and as token ids (pairs.pt, to resume from)."""
+    """The pairs an iteration generated: as text (generated.jsonl, to read) and as token ids (pairs.pt, which a resumed run
+    trains on again with --previous_iteration_data)."""
     with open(os.path.join(path, "generated.jsonl"), "w") as f:
         for p in pairs:
             prompt, real, gen = p["text"]
@@ -669,7 +671,7 @@ def train(args: Args) -> dict:
 
             run.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"],
                                                        data=[list(p["text"]) for p in pairs[: args.num_sample_generations]])}, step=done_steps)
-        # 5. save pi_{t+1} and the pairs it was trained on
+        # 5. save pi_{t+1} and the pairs generated at t
         path = os.path.join(args.output_dir, f"iteration-{t + 1}")
         save(path, policy, tokenizer, args)
         save_pairs(path, pairs)

@@ -43,9 +43,9 @@ def sft(out, steps: int, args: spin.Args) -> None:
     for step in range(steps):
         order = spin.batch_order(pairs, args.per_device_train_batch_size, args.seed, step // per_epoch, True)
         batch = spin.collate([pairs[j] for j in order[step % per_epoch]], tok.pad_token_id)
-        sums, counts = spin.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
-        half = len(sums) // 2  # the real answers (the collate's second half repeats them)
-        loss = -sums[:half].sum() / counts[:half].sum()
+        half = len(batch["input_ids"]) // 2  # the real answers; the collate's second half repeats them
+        sums, counts = spin.sequence_logps(model, *(batch[k][:half] for k in ("input_ids", "attention_mask", "targets")))
+        loss = -sums.sum() / counts.sum()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
