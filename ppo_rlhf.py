@@ -100,10 +100,12 @@ Logged metrics (one dict per rollout; printed every --logging_steps, and to wand
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -111,8 +113,10 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
 from datasets import DatasetDict, load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -172,11 +176,11 @@ class Args:
     num_rollouts: int = 100
     """rollouts (generate, then num_ppo_epochs of updates) in the run"""
     rollout_batch_size: int = 64
-    """prompts per rollout (each gets rloo_k responses with --advantage_estimator rloo)"""
+    """prompts per rollout on each process (each gets rloo_k responses with --advantage_estimator rloo)"""
     num_ppo_epochs: int = 4
     """passes over each rollout"""
     per_device_train_batch_size: int = 32
-    """responses per micro-batch in the update"""
+    """responses per micro-batch in the update, on each process"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step (a PPO minibatch is their union)"""
     forward_batch_size: int = 64
@@ -192,7 +196,9 @@ class Args:
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"
-    """'auto' picks cuda, then mps, then cpu"""
+    """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
+    fsdp: bool = False
+    """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many rollouts"""
@@ -438,22 +444,27 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
-             generator: torch.Generator) -> torch.Tensor:
+             uniforms: torch.Tensor) -> torch.Tensor:
     """Sample up to max_new_tokens after each left-padded query (B, P) with the KV cache; returns ids (B, R).
 
-    Stops as soon as every row has sampled an EOS; what a row samples after its
-    EOS is cut by truncate_after_eos.
+    Token t of row b is drawn by inverting the CDF at uniforms[b, t] (B, max_new_tokens), so a row's sample depends on
+    its own draws only, not on the rows it is batched with or on the number of processes. Stops once every row (on
+    every rank) has sampled an EOS; what a row samples after its EOS is cut by truncate_after_eos.
     """
     position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
     out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     attention_mask, position = query_mask, position_ids[:, -1:]
     tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
     while True:
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
-        token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        cdf = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cumsum(-1)  # (B, V)
+        u = uniforms[:, len(tokens), None].to(cdf.device) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first token with cdf > u
         tokens.append(token)
         done |= token[:, 0] == eos_id
-        if done.all() or len(tokens) == max_new_tokens:
+        finished = done.all().int()
+        if dist.is_initialized():  # every rank stops at the same step: FSDP2 gathers each layer with all ranks at once
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+        if finished or len(tokens) == max_new_tokens:
             return torch.cat(tokens, dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
         position = position + 1
@@ -530,12 +541,34 @@ def reward_scores(model, query, query_mask, response, response_mask) -> torch.Te
     return model.score(hidden[torch.arange(len(hidden), device=hidden.device), last]).squeeze(-1).float()
 
 
+def gather_rollout(batch: dict, pad_id: int, device) -> dict:
+    """Every rank's rollout tensors joined in rank order, each padded as its kind is (unchanged on one process).
+
+    Queries are left-padded, so they gain columns on the left; responses and
+    everything per response token gain them on the right.
+    """
+    if not dist.is_initialized():
+        return batch
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in batch.items()})
+    out = {}
+    for k, v in batch.items():
+        pieces = [p[k] for p in parts]
+        if v.dim() == 2:
+            width = max(t.shape[1] for t in pieces)
+            fill = pad_id if k in ("query", "response") else 0
+            pieces = [torch.cat([t.new_full((len(t), width - t.shape[1]), fill), t] if k in ("query", "query_mask")
+                                else [t, t.new_full((len(t), width - t.shape[1]), fill)], dim=1) for t in pieces]
+        out[k] = torch.cat(pieces).to(device)
+    return out
+
+
 # --------------------------------------------------------------------------- training
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -578,17 +611,6 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
-    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(os.path.join(path, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    if state is not None:
-        torch.save(state, os.path.join(path, "training_state.pt"))
-
-
 def sample_table(tokenizer, query, query_mask, response, response_mask, scores) -> list[list]:
     """[prompt, response, score] rows, as text."""
     rows = []
@@ -598,13 +620,173 @@ def sample_table(tokenizer, query, query_mask, response, response_mask, scores) 
     return rows
 
 
+# --------------------------------------------------------------------------- several processes: torchrun, DDP, FSDP2
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python X.py` is rank 0 of 1.
+
+    Ranks other than 0 print nothing and draw no progress bars; their errors still reach stderr.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Forward(torch.nn.Module):
+    """Runs fn(model, ...) as this module's forward.
+
+    DDP syncs gradients, and FSDP2 gathers sharded weights, only around a
+    module's forward (they hook __call__), while the log-prob code calls the
+    model's body and LM head separately and generation calls it token by
+    token. So every call on a model goes through this module; on one process
+    it changes nothing.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
+    """model inside Forward: sharded per decoder layer with FSDP2 (--fsdp), else under DDP if trained on several ranks."""
+    wrapped = Forward(model)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 compute on CUDA; the sharded master weights, the optimizer and the gradient reduction stay float32
+        mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+            fully_shard(layer, mp_policy=mixed)
+        fully_shard(wrapped, mp_policy=mixed)  # the rest (embeddings, final norm, heads; tied weights stay together)
+    elif world > 1 and trained:
+        device = next(model.parameters()).device
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+def unwrap(model):
+    """The Hugging Face model inside Forward (and DDP)."""
+    return (model.module if isinstance(model, DDP) else model).model
+
+
+def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's contiguous part of a global batch, and how many of its items are real.
+
+    Every rank gets the same number of items, because DDP and FSDP2 need
+    every rank in every forward and backward: a short part is filled with
+    stand-ins (the batch's first item), which the caller weights 0.
+    """
+    size = -(-len(items) // world)
+    share = items[rank * size : (rank + 1) * size]
+    return share + items[:1] * (size - len(share)), len(share)
+
+
+def all_sum(values: dict, device) -> dict:
+    """Each value summed over the ranks, in one all-reduce (unchanged on one process)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = list(values)  # the same order on every rank: the same code filled it
+    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dict(zip(keys, total.tolist()))
+
+
+def sync_gradients(model, sync: bool):
+    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_, returning the norm before clipping as a plain tensor (FSDP2 returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state_dict(model) -> Optional[dict]:
+    """Under FSDP2, the inner model's whole state dict gathered on CPU (every rank must call this); else None."""
+    if not hasattr(model, "reshard"):  # not an FSDP2 module: the model holds its full weights
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = unwrap(model)
+    tied = dict(inner.named_parameters(remove_duplicate=False)).keys() - dict(inner.named_parameters()).keys()
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.removeprefix("model.") not in tied}  # as save_pretrained writes them
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state for a checkpoint; under FSDP2 gathered whole, keyed by parameter name (every rank calls this)."""
+    if not any(hasattr(m, "reshard") for m in model.modules()):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """The inverse of optimizer_state: each rank takes its own shards from the whole state."""
+    if not any(hasattr(m, "reshard") for m in model.modules()):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def rank_rng_states(world: int) -> list:
+    """Every rank's RNG states, gathered so that rank 0 can save them (every rank must call this)."""
+    states = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_model(path: str, model) -> None:
+    """The inner model as a Hugging Face directory; FSDP2 shards are gathered first. Every rank calls it, rank 0 writes."""
+    weights = full_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        unwrap(model).save_pretrained(path, state_dict=weights)
+
+
+def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs.
+
+    Every rank calls it (FSDP2 gathers the shards); rank 0 writes.
+    """
+    save_model(path, model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tokenizer.save_pretrained(path)
+        with open(os.path.join(path, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if state is not None:
+            torch.save(state, os.path.join(path, "training_state.pt"))
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads a checkpoint before it is written
+
+
 def train(args: Args) -> dict:
     rloo = args.advantage_estimator == "rloo"
     if rloo and args.rloo_k < 2:
         raise ValueError(f"--advantage_estimator rloo needs rloo_k >= 2 responses per prompt, got {args.rloo_k}")
     if args.temperature <= 0 or args.max_new_tokens < 1:
         raise ValueError("PPO samples its responses: temperature must be > 0 and max_new_tokens >= 1")
-    seed_everything(args.seed)
+    rank, world = init_distributed()
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+    seed_everything(args.seed)  # the same on every rank while the models load (a new value head is drawn from it)
     device = pick_device(args.device)
     use_bf16 = args.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -650,12 +832,15 @@ def train(args: Args) -> dict:
         else:
             value_path = rm_path if args.value_model_init == "reward_model" else policy_path
         value_model = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=torch.float32).to(device)
-    trained = [m for m in (policy, value_model) if m is not None]
-    for model in (*trained, ref_model, reward_model):
-        disable_dropout(model)
-    if args.gradient_checkpointing:
-        for model in trained:
-            enable_gradient_checkpointing(model)
+    for model in (policy, value_model, ref_model, reward_model):
+        if model is not None:
+            disable_dropout(model)
+            if args.gradient_checkpointing and model in (policy, value_model):
+                enable_gradient_checkpointing(model)
+    # every call below goes through Forward: DDP for the two trained models on several ranks, FSDP2 for all four with --fsdp
+    policy, value_model = (wrap(m, world, args.fsdp, use_bf16, trained=True) if m is not None else None for m in (policy, value_model))
+    ref_model, reward_model = (wrap(m, world, args.fsdp, use_bf16, trained=False) for m in (ref_model, reward_model))
+    trained = torch.nn.ModuleList([m for m in (policy, value_model) if m is not None])
 
     # ---- data
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
@@ -665,17 +850,19 @@ def train(args: Args) -> dict:
         eval_prompts = tokenize_prompts(eval_data.select(range(min(args.num_eval_prompts, len(eval_data)))), tokenizer,
                                         args.max_prompt_length, "eval")
     samples_per_prompt = args.rloo_k if rloo else 1
-    batch_size = args.rollout_batch_size * samples_per_prompt  # responses per rollout
-    minibatch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    batch_size = args.rollout_batch_size * samples_per_prompt * world  # responses per rollout, over all ranks
+    micro_size = args.per_device_train_batch_size * world  # one micro-batch over all ranks
+    minibatch_size = micro_size * args.gradient_accumulation_steps
     minibatches_per_epoch = math.ceil(batch_size / minibatch_size)
     total_steps = args.num_rollouts * args.num_ppo_epochs * minibatches_per_epoch  # optimizer steps
 
     orders: dict[int, list[int]] = {}
 
     def rollout_prompts(rollout: int) -> list[list[int]]:
-        """The prompts of rollout `rollout`: consecutive slots of the epoch orders, each repeated per sample."""
+        """This rank's prompts of rollout `rollout`: its block of consecutive slots of the epoch orders, each repeated per sample."""
         picked = []
-        for slot in range(rollout * args.rollout_batch_size, (rollout + 1) * args.rollout_batch_size):
+        first = (rollout * world + rank) * args.rollout_batch_size
+        for slot in range(first, first + args.rollout_batch_size):
             epoch, i = divmod(slot, len(train_prompts))
             if epoch not in orders:
                 orders[epoch] = prompt_order(len(train_prompts), args.seed, epoch)
@@ -683,8 +870,8 @@ def train(args: Args) -> dict:
         return picked
 
     @torch.no_grad()
-    def sample_and_score(prompts: list[list[int]], generator: torch.Generator, timings: Counter) -> dict:
-        """Steps 1-3 of a rollout, in chunks of forward_batch_size, on one left-padded batch."""
+    def sample_and_score(prompts: list[list[int]], uniforms: torch.Tensor, timings: Counter) -> dict:
+        """Steps 1-3 of a rollout, in chunks of forward_batch_size, on one left-padded batch; uniforms (B, R) are the rows' draws."""
         query, query_mask = (t.to(device) for t in left_pad(prompts, pad_id))
         chunks = []
         for s in range(0, len(prompts), args.forward_batch_size):
@@ -692,13 +879,14 @@ def train(args: Args) -> dict:
             t0 = clock()
             # 1. generate
             with autocast():
-                raw = generate(policy, *cut_left_padding(q, qm), args.max_new_tokens, args.temperature, eos_id, generator)
+                raw = policy(generate, *cut_left_padding(q, qm), args.max_new_tokens, args.temperature, eos_id,
+                             uniforms[s : s + args.forward_batch_size].to(device))
             t1 = clock()
             # 2. truncate after EOS
             response, mask, has_eos = truncate_after_eos(raw, eos_id, pad_id)
             # 3. score with the reward model, at the EOS token
             with autocast():
-                scores = reward_scores(reward_model, q, qm, response, mask)
+                scores = reward_model(reward_scores, q, qm, response, mask)
             timings["generate"] += t1 - t0
             timings["score"] += clock() - t1
             chunks.append((response, mask, has_eos, scores))
@@ -715,7 +903,7 @@ def train(args: Args) -> dict:
         for s in range(0, len(batch["query"]), args.forward_batch_size):
             part = [batch[k][s : s + args.forward_batch_size] for k in ("query", "query_mask", "response", "mask")]
             with autocast():
-                outs.append(fn(model, *part))
+                outs.append(model(fn, *part))
         return torch.cat(outs) if isinstance(outs[0], torch.Tensor) else [torch.cat(o) for o in zip(*outs)]
 
     # ---- optimizer and schedule: linear warmup, then linear decay to 0; one AdamW, one parameter group per model
@@ -730,14 +918,17 @@ def train(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(trained, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        if len(state["rng"]) == world:
+            set_rng_state(state["rng"][rank])
+        else:
+            print(f"the checkpoint has RNG states for {len(state['rng'])} processes, not {world}: they are not restored")
         start = state["step"]
         print(f"resumed from {args.resume_from} at rollout {start}")
 
     run = None
-    if args.track:
+    if args.track and rank == 0:
         import wandb  # imported here so that importing this file stays silent and fast
 
         run = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
@@ -745,14 +936,17 @@ def train(args: Args) -> dict:
     def evaluate(done: int) -> dict:
         """One sampled response per held-out prompt (the same sampling seed every time); print a sample table."""
         policy.eval()
-        batch = sample_and_score(eval_prompts, torch.Generator(device).manual_seed(args.seed), Counter())
+        uniforms = torch.rand(len(eval_prompts), args.max_new_tokens, generator=torch.Generator().manual_seed(args.seed))
+        share, n = rank_share(list(range(len(eval_prompts))), rank, world)
+        batch = sample_and_score([eval_prompts[i] for i in share], uniforms[share], Counter())
         batch["scores"] = penalised_scores(batch["scores"], batch["has_eos"], args.missing_eos_penalty)
-        rows = sample_table(tokenizer, *(batch[k] for k in ("query", "query_mask", "response", "mask", "scores")))
+        total = all_sum({"score": batch["scores"][:n].sum().item(), "count": n}, device)
+        rows = sample_table(tokenizer, *(batch[k][:n] for k in ("query", "query_mask", "response", "mask", "scores")))
         tqdm.write(f"samples after rollout {done} (prompt | response | score):\n"
                    + "\n".join(f"  {p!r} | {r!r} | {s:.3f}" for p, r, s in rows[: args.num_printed_samples]))
         if run is not None:
             run.log({"eval/samples": wandb.Table(columns=["prompt", "response", "score"], data=rows)}, step=done)
-        return {"eval/score": batch["scores"].mean().item()}
+        return {"eval/score": total["score"] / total["count"]}
 
     # ---- the loop: one rollout, then num_ppo_epochs of minibatch updates on it
     metrics: dict = {}
@@ -762,9 +956,12 @@ def train(args: Args) -> dict:
         t_start, timings = clock(), Counter()
         for model in trained:
             model.eval()
-        # sampling replays on resume; prompt order, sampling and minibatch shuffles are three streams (3k, 3k + 1, 3k + 2)
-        generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + 3 * rollout + 1)
-        batch = sample_and_score(rollout_prompts(rollout), generator, timings)  # steps 1-3
+        # sampling replays on resume; prompt order, sampling and minibatch shuffles are three streams (3k, 3k + 1, 3k + 2).
+        # Every rank draws the whole rollout's uniforms and uses its own rows, so samples do not depend on the rank count.
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 3 * rollout + 1)
+        uniforms = torch.rand(batch_size, args.max_new_tokens, generator=generator)  # (B, R) over all ranks
+        local = batch_size // world
+        batch = sample_and_score(rollout_prompts(rollout), uniforms[rank * local : (rank + 1) * local], timings)  # steps 1-3
         mask = batch["mask"]
         # 4. old policy log-probs (and entropy), reference log-probs and values: one no-grad pass each
         t0 = clock()
@@ -774,6 +971,10 @@ def train(args: Args) -> dict:
         t2 = clock()
         values = no_grad_pass(value_predictions, value_model, batch) if value_model is not None else None
         timings.update({"policy_forward": t1 - t0, "ref_forward": t2 - t1, "value_forward": clock() - t2})
+        # every rank gets the whole rollout, so steps 5-7 (whitening, shuffles, minibatches) see the global batch
+        batch.update({"logps": logps, "entropy": entropy, "ref_logps": ref_logps, **({"values": values} if values is not None else {})})
+        batch = gather_rollout(batch, pad_id, device)
+        mask, logps, entropy, ref_logps, values = batch["mask"], batch["logps"], batch["entropy"], batch["ref_logps"], batch.get("values")
         # 5. per-token rewards: -beta * kl_t everywhere, the score at the EOS
         kl = kl_per_token(logps, ref_logps, args.kl_estimator)
         rewards, scores = token_rewards(batch["scores"], kl, mask, batch["has_eos"], args.beta, args.missing_eos_penalty)
@@ -787,7 +988,7 @@ def train(args: Args) -> dict:
             advantages = whiten(advantages, mask)
 
         # 7. PPO epochs: shuffled minibatches, each one optimizer step over its micro-batches
-        t_update, stats = clock(), Counter()
+        t_update, stats, norms_seen = clock(), Counter(), Counter()
         for model in trained:
             model.train()
         shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + 3 * rollout + 2)
@@ -796,42 +997,48 @@ def train(args: Args) -> dict:
             for m in range(minibatches_per_epoch):
                 minibatch = order[m * minibatch_size : (m + 1) * minibatch_size]
                 n_tokens = mask[minibatch].sum()  # losses are token means over the minibatch, however it is split
-                for s in range(0, len(minibatch), args.per_device_train_batch_size):
-                    idx = minibatch[s : s + args.per_device_train_batch_size]
+                micro_starts = range(0, len(minibatch), micro_size)
+                for s in micro_starts:
+                    rows, n = rank_share(minibatch[s : s + micro_size].tolist(), rank, world)  # this rank's part of the micro-batch
+                    idx = torch.tensor(rows, device=device)
                     part = [batch[k][idx] for k in ("query", "query_mask", "response", "mask")]
-                    mb_mask = mask[idx]
-                    with autocast():
-                        new_logps, _ = response_logps(policy, *part, args.temperature)
-                    pg_losses, clipped, approxkl = ppo_policy_loss(new_logps, logps[idx], advantages[idx], args.cliprange)
-                    loss = (pg_losses * mb_mask).sum() / n_tokens
-                    stats.update({"loss/policy": loss.item(), "policy/clipfrac": ((clipped * mb_mask).sum() / n_tokens).item(),
-                                  "policy/approxkl": ((approxkl * mb_mask).sum() / n_tokens).item()})
-                    if value_model is not None:
+                    mb_mask = mask[idx] & (torch.arange(len(idx), device=device) < n)[:, None]  # stand-in rows weigh 0
+                    with contextlib.ExitStack() as no_sync:  # gradients are reduced on the minibatch's last micro-batch only
+                        for model in trained:
+                            no_sync.enter_context(sync_gradients(model, s == micro_starts[-1]))
                         with autocast():
-                            new_values = value_predictions(value_model, *part)
-                        vf_losses, vf_clipped = ppo_value_loss(new_values, values[idx], returns[idx], args.cliprange_value)
-                        value_loss = (vf_losses * mb_mask).sum() / n_tokens
-                        loss = loss + value_loss
-                        stats.update({"loss/value": value_loss.item(), "val/clipfrac": ((vf_clipped * mb_mask).sum() / n_tokens).item(),
-                                      "val/error": (((new_values - returns[idx]) ** 2 * mb_mask).sum() / n_tokens).item()})
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at rollout {rollout}; stopping. Last good checkpoint: {last_good or 'none saved'}")
-                    loss.backward()
-                norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) for model in trained]
+                            new_logps, _ = policy(response_logps, *part, args.temperature)
+                        pg_losses, clipped, approxkl = ppo_policy_loss(new_logps, logps[idx], advantages[idx], args.cliprange)
+                        loss = (pg_losses * mb_mask).sum() / n_tokens
+                        stats.update({"loss/policy": loss.item(), "policy/clipfrac": ((clipped * mb_mask).sum() / n_tokens).item(),
+                                      "policy/approxkl": ((approxkl * mb_mask).sum() / n_tokens).item()})
+                        if value_model is not None:
+                            with autocast():
+                                new_values = value_model(value_predictions, *part)
+                            vf_losses, vf_clipped = ppo_value_loss(new_values, values[idx], returns[idx], args.cliprange_value)
+                            value_loss = (vf_losses * mb_mask).sum() / n_tokens
+                            loss = loss + value_loss
+                            stats.update({"loss/value": value_loss.item(), "val/clipfrac": ((vf_clipped * mb_mask).sum() / n_tokens).item(),
+                                          "val/error": (((new_values - returns[idx]) ** 2 * mb_mask).sum() / n_tokens).item()})
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"loss is {loss.item()} at rollout {rollout}; stopping. Last good checkpoint: {last_good or 'none saved'}")
+                        (loss * world).backward()  # DDP averages the ranks' gradients; each rank's part of the token mean is a sum
+                norms = [clip_gradients(model, args.max_grad_norm) for model in trained]
                 if not all(torch.isfinite(n) for n in norms):
                     raise FloatingPointError(f"gradient norm is {[n.item() for n in norms]} at rollout {rollout}; stopping. "
                                              f"Last good checkpoint: {last_good or 'none saved'}")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                stats.update({"train/grad_norm": norms[0].item(), **({"val/grad_norm": norms[1].item()} if len(norms) > 1 else {})})
+                norms_seen.update({"train/grad_norm": norms[0].item(), **({"val/grad_norm": norms[1].item()} if len(norms) > 1 else {})})
         timings["update"] = clock() - t_update
         timings["step"] = clock() - t_start
 
         n_updates = args.num_ppo_epochs * minibatches_per_epoch
         seq_kl = (kl * mask).sum(-1)  # (B,)
         lengths = mask.sum(-1).float()
-        metrics = {k: v / n_updates for k, v in stats.items()}
+        stats = all_sum(stats, device)  # each rank's part of every token mean, summed; the gradient norms are global already
+        metrics = {k: v / n_updates for k, v in (stats | norms_seen).items()}
         metrics.update({
             "objective/kl": seq_kl.mean().item(), "objective/score": scores.mean().item(),
             "objective/rlhf_reward": rewards.sum(-1).mean().item(),  # score - beta * seq_kl
@@ -852,15 +1059,17 @@ def train(args: Args) -> dict:
             run.log(metrics, step=done)
         if args.save_steps and done % args.save_steps == 0 and done < args.num_rollouts:
             last_good = os.path.join(args.output_dir, f"checkpoint-{done}")
-            save(last_good, policy, tokenizer, args, {"step": done, "optimizer": optimizer.state_dict(),
-                                                      "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            save(last_good, policy, tokenizer, args, {"step": done, "optimizer": optimizer_state(trained, optimizer),
+                                                      "scheduler": scheduler.state_dict(), "rng": rank_rng_states(world)})
             if value_model is not None:
-                value_model.save_pretrained(os.path.join(last_good, "value_model"))
+                save_model(os.path.join(last_good, "value_model"), value_model)
     save(args.output_dir, policy, tokenizer, args)
     if value_model is not None:
-        value_model.save_pretrained(os.path.join(args.output_dir, "value_model"))
+        save_model(os.path.join(args.output_dir, "value_model"), value_model)
     if run is not None:
         run.finish()
+    if world > 1:
+        dist.destroy_process_group()
     return metrics
 
 

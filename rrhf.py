@@ -68,10 +68,12 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -79,8 +81,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
 from datasets import DatasetDict, load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -123,7 +127,8 @@ class Args:
     max_steps: int = -1
     """if > 0, the number of optimizer steps, overriding num_train_epochs"""
     per_device_train_batch_size: int = 8
-    """groups (prompts, each with its k responses) per micro-batch"""
+    """groups (prompts, each with its k responses) per micro-batch on each process (a step sees this x processes x
+    gradient_accumulation_steps)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     per_device_eval_batch_size: int = 32
@@ -141,7 +146,9 @@ class Args:
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"
-    """'auto' picks cuda, then mps, then cpu"""
+    """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
+    fsdp: bool = False
+    """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -399,12 +406,12 @@ def tokenize_groups(dataset, tokenizer, max_length: int, max_prompt_length: int,
 
 
 def reward_model_scores(dataset, reward_model, tokenizer, max_length: int, max_prompt_length: int, desc: str, kind: str,
-                        responses_column: str, batch_size: int) -> list[Optional[list[float]]]:
+                        responses_column: str, batch_size: int, rank: int, world: int) -> list[Optional[list[float]]]:
     """The reward model's score of every response, one list per row (None where the row is unusable).
 
     Each text is tokenized with the reward model's own tokenizer and chat
     template, and read where its forward reads it: the last token that is not
-    padding (how reward_model.py trains it).
+    padding (how reward_model.py trains it). The ranks split the texts.
     """
     device = next(reward_model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -421,19 +428,23 @@ def reward_model_scores(dataset, reward_model, tokenizer, max_length: int, max_p
     counts = Counter(i for i, _ in owner)
     scores: list[Optional[list[float]]] = [[0.0] * counts[i] if i in counts else None for i in range(len(dataset))]
     order = sorted(range(len(seqs)), key=lambda s: len(seqs[s]))  # similar lengths together: less padding
+    flat = torch.zeros(len(seqs), device=device)
     with torch.no_grad():
-        for s in tqdm(range(0, len(order), batch_size), desc=f"scoring {desc} with the reward model", leave=False):
-            chunk = order[s : s + batch_size]
+        for s in tqdm(range(0, len(order), batch_size * world), desc=f"scoring {desc} with the reward model", leave=False):
+            chunk, n = rank_share(order[s : s + batch_size * world], rank, world)
             width = max(len(seqs[c]) for c in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, c in enumerate(chunk):
                 input_ids[b, : len(seqs[c])] = torch.tensor(seqs[c])
                 attention_mask[b, : len(seqs[c])] = 1
-            values = reward_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float().tolist()
-            for c, v in zip(chunk, values):
-                i, j = owner[c]
-                scores[i][j] = v
+            logits = reward_model(lambda m, **inputs: m(**inputs).logits, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+            flat[torch.tensor(chunk[:n], dtype=torch.long, device=device)] = logits[:n, 0].float()
+    if world > 1:
+        dist.all_reduce(flat)  # each text was scored on one rank, and is 0 on the others
+    for c, v in enumerate(flat.tolist()):
+        i, j = owner[c]
+        scores[i][j] = v
     return scores
 
 
@@ -532,7 +543,7 @@ def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -586,21 +597,170 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+# --------------------------------------------------------------------------- several processes: torchrun, DDP, FSDP2
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python X.py` is rank 0 of 1.
+
+    Ranks other than 0 print nothing and draw no progress bars; their errors still reach stderr.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Forward(torch.nn.Module):
+    """Runs fn(model, ...) as this module's forward.
+
+    DDP syncs gradients, and FSDP2 gathers sharded weights, only around a
+    module's forward (they hook __call__), while the log-prob code calls the
+    model's body and LM head separately and generation calls it token by
+    token. So every call on a model goes through this module; on one process
+    it changes nothing.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
+    """model inside Forward: sharded per decoder layer with FSDP2 (--fsdp), else under DDP if trained on several ranks."""
+    wrapped = Forward(model)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 compute on CUDA; the sharded master weights, the optimizer and the gradient reduction stay float32
+        mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+            fully_shard(layer, mp_policy=mixed)
+        fully_shard(wrapped, mp_policy=mixed)  # the rest (embeddings, final norm, heads; tied weights stay together)
+    elif world > 1 and trained:
+        device = next(model.parameters()).device
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+def unwrap(model):
+    """The Hugging Face model inside Forward (and DDP)."""
+    return (model.module if isinstance(model, DDP) else model).model
+
+
+def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's contiguous part of a global batch, and how many of its items are real.
+
+    Every rank gets the same number of items, because DDP and FSDP2 need
+    every rank in every forward and backward: a short part is filled with
+    stand-ins (the batch's first item), which the caller weights 0.
+    """
+    size = -(-len(items) // world)
+    share = items[rank * size : (rank + 1) * size]
+    return share + items[:1] * (size - len(share)), len(share)
+
+
+def all_sum(values: dict, device) -> dict:
+    """Each value summed over the ranks, in one all-reduce (unchanged on one process)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = list(values)  # the same order on every rank: the same code filled it
+    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dict(zip(keys, total.tolist()))
+
+
+def sync_gradients(model, sync: bool):
+    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_, returning the norm before clipping as a plain tensor (FSDP2 returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state_dict(model) -> Optional[dict]:
+    """Under FSDP2, the inner model's whole state dict gathered on CPU (every rank must call this); else None."""
+    if not hasattr(model, "reshard"):  # not an FSDP2 module: the model holds its full weights
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = unwrap(model)
+    tied = dict(inner.named_parameters(remove_duplicate=False)).keys() - dict(inner.named_parameters()).keys()
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.removeprefix("model.") not in tied}  # as save_pretrained writes them
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state for a checkpoint; under FSDP2 gathered whole, keyed by parameter name (every rank calls this)."""
+    if not any(hasattr(m, "reshard") for m in model.modules()):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """The inverse of optimizer_state: each rank takes its own shards from the whole state."""
+    if not any(hasattr(m, "reshard") for m in model.modules()):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def rank_rng_states(world: int) -> list:
+    """Every rank's RNG states, gathered so that rank 0 can save them (every rank must call this)."""
+    states = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_model(path: str, model) -> None:
+    """The inner model as a Hugging Face directory; FSDP2 shards are gathered first. Every rank calls it, rank 0 writes."""
+    weights = full_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        unwrap(model).save_pretrained(path, state_dict=weights)
+
+
 def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
-    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(os.path.join(path, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    if state is not None:
-        torch.save(state, os.path.join(path, "training_state.pt"))
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs.
+
+    Every rank calls it (FSDP2 gathers the shards); rank 0 writes.
+    """
+    save_model(path, model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tokenizer.save_pretrained(path)
+        with open(os.path.join(path, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if state is not None:
+            torch.save(state, os.path.join(path, "training_state.pt"))
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads a checkpoint before it is written
 
 
 def train(args: Args) -> dict:
     if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
         raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
-    seed_everything(args.seed)
+    rank, world = init_distributed()
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+    seed_everything(args.seed)  # the same on every rank while the models load
     device = pick_device(args.device)
     use_bf16 = args.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -611,10 +771,11 @@ def train(args: Args) -> dict:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {policy_path!r} has no eos token; responses need one")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-    policy.config.use_cache = False
+        enable_gradient_checkpointing(model)
+    model.config.use_cache = False
+    policy = wrap(model, world, args.fsdp, use_bf16, trained=True)
     state = None
     if args.resume_from:
         state_file = os.path.join(policy_path, "training_state.pt")
@@ -622,6 +783,8 @@ def train(args: Args) -> dict:
             raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps (output_dir/checkpoint-N); "
                                     f"{policy_path!r} has no training_state.pt")
         state = torch.load(state_file, weights_only=False)
+    if world > 1:
+        seed_everything(args.seed + 100_003 * rank)  # each rank its own stream (dropout)
 
     # ---- data, and the reward model's scores where it replaces the data's
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
@@ -631,51 +794,56 @@ def train(args: Args) -> dict:
     overrides = {desc: None for desc, _ in splits}
     if args.reward_model_path:
         rm_path = resolve_path(args.reward_model_path)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).to(device).eval()
-        if reward_model.config.num_labels != 1:
-            raise ValueError(f"the reward model {rm_path!r} has {reward_model.config.num_labels} labels; a scalar reward needs 1")
+        scorer = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).to(device)
+        if scorer.config.num_labels != 1:
+            raise ValueError(f"the reward model {rm_path!r} has {scorer.config.num_labels} labels; a scalar reward needs 1")
+        reward_model = wrap(scorer.eval().requires_grad_(False), world, args.fsdp, use_bf16, trained=False)
         rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
         for desc, data in splits:
             with autocast():
                 overrides[desc] = reward_model_scores(data, reward_model, rm_tokenizer, args.max_length, args.max_prompt_length, desc,
-                                                      kinds[desc], args.responses_column, args.per_device_reward_batch_size)
+                                                      kinds[desc], args.responses_column, args.per_device_reward_batch_size, rank, world)
             given = [(o, row[args.scores_column] if kinds[desc] == "ranked" else [1.0, 0.0]) for o, row in zip(overrides[desc], data)
                      if o is not None and (kinds[desc] == "pairwise" or args.scores_column in data.column_names)]
             if given:
                 print(f"{desc}: the reward model orders {pair_agreement(*zip(*given)):.1%} of the data's strictly ordered pairs as the data does")
-        del reward_model
+        del reward_model, scorer
     train_rows = tokenize_groups(train_data, tokenizer, args.max_length, args.max_prompt_length, "train", kinds["train"],
                                  args.responses_column, args.scores_column, overrides["train"])
     eval_rows = []
     if eval_data is not None:
         eval_rows = tokenize_groups(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval", kinds["eval"],
                                     args.responses_column, args.scores_column, overrides["eval"])
-    batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
+    batch_size = args.per_device_train_batch_size * world  # one micro-batch over all ranks
+    batches_per_epoch = math.ceil(len(train_rows) / batch_size)
     if batches_per_epoch < args.gradient_accumulation_steps:
-        raise ValueError(f"{len(train_rows)} training groups make {batches_per_epoch} micro-batches of {args.per_device_train_batch_size}, "
+        raise ValueError(f"{len(train_rows)} training groups make {batches_per_epoch} micro-batches of {batch_size}, "
                          f"fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}")
     steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
 
-    def batch_losses(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
-        """RRHF losses of one batch of groups, and its step metrics."""
+    def batch_losses(batch: dict, split: str, n: int) -> tuple[torch.Tensor, dict]:
+        """RRHF losses of one batch of groups, and the step metrics of its n real groups (of its stand-in if n = 0)."""
         with autocast():
-            logps, lengths = group_logps(policy, batch)
-        losses, rank, sft, p = rrhf_loss(logps, lengths, batch["scores"], batch["valid"], args.rank_weight)
-        return losses, rrhf_metrics(split, losses, rank, sft, p, batch["scores"], batch["valid"])
+            logps, lengths = policy(group_logps, batch)
+        losses, hinge, sft, p = rrhf_loss(logps, lengths, batch["scores"], batch["valid"], args.rank_weight)
+        real = slice(max(n, 1))
+        return losses, rrhf_metrics(split, *(x[real] for x in (losses, hinge, sft, p, batch["scores"], batch["valid"])))
 
     @torch.no_grad()
     def evaluate() -> dict:
         policy.eval()
-        totals, count = Counter(), 0
-        for s in range(0, len(eval_rows), args.per_device_eval_batch_size):
-            batch = to_device(collate_groups(eval_rows[s : s + args.per_device_eval_batch_size], pad_id), device)
-            losses, metrics = batch_losses(batch, "eval")
-            n = len(losses)
+        totals = Counter()
+        eval_batch = args.per_device_eval_batch_size * world
+        for s in range(0, len(eval_rows), eval_batch):
+            rows, n = rank_share(eval_rows[s : s + eval_batch], rank, world)
+            batch = to_device(collate_groups(rows, pad_id), device)
+            losses, metrics = batch_losses(batch, "eval", n)
             totals.update({k: v * n for k, v in metrics.items()})
-            count += n
+            totals["count"] += n
         policy.train()
-        return {k: v / count for k, v in totals.items()}
+        totals = all_sum(totals, device)
+        return {k: v / totals["count"] for k, v in totals.items() if k != "count"}
 
     # ---- optimizer and schedule: linear warmup, then linear decay to 0
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -689,14 +857,17 @@ def train(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        if len(state["rng"]) == world:
+            set_rng_state(state["rng"][rank])
+        else:
+            print(f"the checkpoint has RNG states for {len(state['rng'])} processes, not {world}: they are not restored")
         start_step = state["step"]
         print(f"resumed from {args.resume_from} at step {start_step}")
 
     run = None
-    if args.track:
+    if args.track and rank == 0:
         import wandb  # imported here so that importing this file stays silent and fast
 
         run = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
@@ -705,30 +876,32 @@ def train(args: Args) -> dict:
     orders: dict[int, list[list[int]]] = {}
 
     def micro_batches(step: int):
-        """The micro-batches of optimizer step `step`, wherever the epoch boundaries fall."""
+        """This rank's part of each micro-batch of optimizer step `step`, wherever the epoch boundaries fall."""
         per_epoch = steps_per_epoch * args.gradient_accumulation_steps
         for m in range(args.gradient_accumulation_steps):
             epoch, i = divmod(step * args.gradient_accumulation_steps + m, per_epoch)
-            if epoch not in orders:
-                orders[epoch] = group_order(train_rows, args.per_device_train_batch_size, args.seed, epoch, args.group_by_length)
-            yield epoch + i / per_epoch, [train_rows[j] for j in orders[epoch][i]]
+            if epoch not in orders:  # one order for every rank: it depends on the seed and the global batch only
+                orders[epoch] = group_order(train_rows, batch_size, args.seed, epoch, args.group_by_length)
+            rows = [train_rows[j] for j in orders[epoch][i]]
+            yield m, epoch + i / per_epoch, len(rows), *rank_share(rows, rank, world)
 
     policy.train()
     metrics: dict = {}
     last_good = args.resume_from
     progress = tqdm(range(start_step, total_steps), desc="rrhf", initial=start_step, total=total_steps)
     for step in progress:
-        t0, tokens, sums = time.perf_counter(), 0, Counter()
-        for epoch, rows in micro_batches(step):
+        t0, sums = time.perf_counter(), Counter()
+        for m, epoch, global_n, rows, n in micro_batches(step):
             batch = to_device(collate_groups(rows, pad_id), device)
-            losses, batch_metrics = batch_losses(batch, "train")
-            loss = losses.mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
-            (loss / args.gradient_accumulation_steps).backward()
-            tokens += int(batch["attention_mask"].sum())
-            sums.update(batch_metrics)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            with sync_gradients(policy, m == args.gradient_accumulation_steps - 1):
+                losses, batch_metrics = batch_losses(batch, "train", n)
+                if not torch.isfinite(losses).all():
+                    raise FloatingPointError(f"loss is {losses.mean().item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
+                # the mean over the global micro-batch: DDP averages the ranks' gradients, so each rank's sum is scaled by world
+                (losses[:n].sum() * world / (global_n * args.gradient_accumulation_steps)).backward()
+            sums.update({k: v * n for k, v in batch_metrics.items()})
+            sums.update({"count": n, "tokens": int(batch["attention_mask"][batch["group"] < n].sum())})
+        grad_norm = clip_gradients(policy, args.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; stopping. Last good checkpoint: {last_good or 'none saved'}")
         optimizer.step()
@@ -736,9 +909,10 @@ def train(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        metrics = {k: v / args.gradient_accumulation_steps for k, v in sums.items()}
+        sums = all_sum(sums, device)
+        metrics = {k: v / sums["count"] for k, v in sums.items() if k not in ("count", "tokens")}
         metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
-                        "perf/tokens_per_sec": tokens / (time.perf_counter() - t0)})
+                        "perf/tokens_per_sec": sums["tokens"] / (time.perf_counter() - t0)})
         done = step + 1
         if eval_rows and ((args.eval_steps and done % args.eval_steps == 0) or done == total_steps):
             metrics.update(evaluate())
@@ -749,11 +923,13 @@ def train(args: Args) -> dict:
             run.log(metrics, step=done)
         if args.save_steps and done % args.save_steps == 0 and done < total_steps:
             last_good = os.path.join(args.output_dir, f"checkpoint-{done}")
-            save(last_good, policy, tokenizer, args, {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                                      "rng": rng_state()})
+            save(last_good, policy, tokenizer, args, {"step": done, "optimizer": optimizer_state(policy, optimizer), "scheduler": scheduler.state_dict(),
+                                                      "rng": rank_rng_states(world)})
     save(args.output_dir, policy, tokenizer, args)
     if run is not None:
         run.finish()
+    if world > 1:
+        dist.destroy_process_group()
     return metrics
 
 

