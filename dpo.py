@@ -43,6 +43,12 @@ Usage
         --precompute_ref_logps --gradient_checkpointing --output_dir runs/dpo-qwen
     python dpo.py --resume_from runs/dpo/checkpoint-100   # continue a run exactly
 
+Several GPUs (torchrun; a plain `python dpo.py` needs none of it)
+    torchrun --nproc_per_node 4 dpo.py <the flags above> --per_device_train_batch_size 2
+        # DDP: an optimizer step sees per_device_train_batch_size x 4 processes x gradient_accumulation_steps
+        # pairs, and the run is the one-process run with that global batch (tested on CPU to float rounding)
+    torchrun --nproc_per_node 8 dpo.py <the flags above> --fsdp   # FSDP2: every model sharded per decoder layer
+
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
     train/loss                  mean DPO (or cDPO) loss
     train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (implicit reward)
@@ -57,6 +63,7 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     eval/...                    the same quantities on the held-out split, every --eval_steps
 """
 
+import atexit
 import contextlib
 import functools
 import gc
@@ -474,6 +481,7 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for the process, however many runs it trains
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
@@ -508,7 +516,11 @@ def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
             fully_shard(layer, mp_policy=mixed)
-        fully_shard(wrapped, mp_policy=mixed)  # the rest (embeddings, final norm, heads; tied weights stay together)
+        # the rest (embeddings, final norm, heads; tied weights stay together). reshard_after_forward=True: by default the
+        # root keeps its weights gathered after a forward, for the backward; after a no-grad forward (evaluation,
+        # generation, a frozen model) no backward comes, and the optimizer and the state dict would then see the
+        # gathered copies instead of the shards
+        fully_shard(wrapped, mp_policy=mixed, reshard_after_forward=True)
     elif world > 1 and trained:
         device = next(model.parameters()).device
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
@@ -623,7 +635,7 @@ def train(args: Args) -> dict:
     if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
         raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
     rank, world = init_distributed()
-    if args.fsdp and world == 1:
+    if args.fsdp and not dist.is_initialized():
         raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load
     device = pick_device(args.device)
@@ -801,8 +813,6 @@ def train(args: Args) -> dict:
     save(args.output_dir, policy, tokenizer, args)
     if run is not None:
         run.finish()
-    if world > 1:
-        dist.destroy_process_group()
     return metrics
 
 

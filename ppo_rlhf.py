@@ -70,11 +70,18 @@ Usage
     python ppo_rlhf.py --resume_from runs/ppo/checkpoint-100     # continue a run exactly
 The real-model recipe has not been run (no GPU and no downloads where this was written).
 
+Several GPUs (torchrun; a plain `python ppo_rlhf.py` needs none of it)
+    torchrun --nproc_per_node 4 ppo_rlhf.py <the flags above> --rollout_batch_size 16 --forward_batch_size 16
+        # DDP: each process generates rollout_batch_size prompts' responses; the rollout is then shared, so
+        # whitening and minibatches (per_device_train_batch_size x 4 x gradient_accumulation_steps responses)
+        # are global, and the run is the one-process run with the same global sizes (tested on CPU)
+    torchrun --nproc_per_node 8 ppo_rlhf.py <the flags above> --fsdp   # FSDP2: all four models sharded per decoder layer
+
 Each rollout (one "step" below): generate, cut after EOS, score, take the
 policy, reference and value passes (one no-grad pass each), build per-token
 rewards and advantages, then num_ppo_epochs passes over minibatches of
-per_device_train_batch_size * gradient_accumulation_steps responses, one
-optimizer step each.
+per_device_train_batch_size * processes * gradient_accumulation_steps
+responses, one optimizer step each.
 
 Logged metrics (one dict per rollout; printed every --logging_steps, and to wandb with --track)
     objective/kl                mean over responses of sum_t kl_t (the estimator in use): KL(pi || pi_ref) estimate
@@ -99,6 +106,7 @@ Logged metrics (one dict per rollout; printed every --logging_steps, and to wand
                                 (with a printed table of prompts, responses and scores; a wandb.Table with --track)
 """
 
+import atexit
 import contextlib
 import functools
 import json
@@ -632,6 +640,7 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for the process, however many runs it trains
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
@@ -666,7 +675,11 @@ def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
             fully_shard(layer, mp_policy=mixed)
-        fully_shard(wrapped, mp_policy=mixed)  # the rest (embeddings, final norm, heads; tied weights stay together)
+        # the rest (embeddings, final norm, heads; tied weights stay together). reshard_after_forward=True: by default the
+        # root keeps its weights gathered after a forward, for the backward; after a no-grad forward (evaluation,
+        # generation, a frozen model) no backward comes, and the optimizer and the state dict would then see the
+        # gathered copies instead of the shards
+        fully_shard(wrapped, mp_policy=mixed, reshard_after_forward=True)
     elif world > 1 and trained:
         device = next(model.parameters()).device
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
@@ -784,7 +797,7 @@ def train(args: Args) -> dict:
     if args.temperature <= 0 or args.max_new_tokens < 1:
         raise ValueError("PPO samples its responses: temperature must be > 0 and max_new_tokens >= 1")
     rank, world = init_distributed()
-    if args.fsdp and world == 1:
+    if args.fsdp and not dist.is_initialized():
         raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load (a new value head is drawn from it)
     device = pick_device(args.device)
@@ -1068,8 +1081,6 @@ def train(args: Args) -> dict:
         save_model(os.path.join(args.output_dir, "value_model"), value_model)
     if run is not None:
         run.finish()
-    if world > 1:
-        dist.destroy_process_group()
     return metrics
 
 

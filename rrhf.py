@@ -53,13 +53,19 @@ Data (one row per prompt)
                strings, or a message list for the prompt and one per response
     pairwise:  any format dpo.py reads (prompt/chosen/rejected, conversational or not, or implicit prompt)
 
+Several GPUs (torchrun; a plain `python rrhf.py` needs none of it)
+    torchrun --nproc_per_node 4 rrhf.py <the flags above> --per_device_train_batch_size 2
+        # DDP: an optimizer step sees per_device_train_batch_size x 4 processes x gradient_accumulation_steps
+        # groups, and the run is the one-process run with that global batch (tested on CPU to float rounding)
+    torchrun --nproc_per_node 8 rrhf.py <the flags above> --fsdp   # FSDP2: every model sharded per decoder layer
+
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
     train/loss                  mean over groups of w * L_rank + L_ft
     train/rank                  mean L_rank, the hinge summed over each group's ordered pairs
     train/sft                   mean L_ft = -p_best
     train/p/best                p of the best response (length-normalised log-prob: summed log-prob / tokens)
-    train/p/mean                mean p of all responses
-    train/p/pair_accuracy       fraction of pairs with r_i < r_j that have p_i < p_j
+    train/p/mean                mean p of a group's responses, mean over groups
+    train/p/pair_accuracy       fraction of a group's pairs with r_i < r_j that have p_i < p_j, mean over groups
     train/p/kendall_tau         Kendall's tau between p and the scores over each group's untied pairs, mean over groups
     train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
     train/epoch                 fractional epoch
@@ -67,6 +73,7 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     eval/...                    the same quantities on the held-out split, every --eval_steps
 """
 
+import atexit
 import contextlib
 import functools
 import json
@@ -575,6 +582,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def rrhf_metrics(prefix: str, losses, rank, sft, p, scores, valid) -> dict:
+    """Step metrics of a batch of groups, each a mean over its groups, so that batches and ranks combine by group counts."""
     ordered = valid[:, :, None] & valid[:, None, :] & (scores[:, :, None] < scores[:, None, :])  # (G, K, K): r_i < r_j
     right = ordered & (p[:, :, None] < p[:, None, :])
     untied = ordered.sum((1, 2))  # (G,) no group is all tied
@@ -584,8 +592,8 @@ def rrhf_metrics(prefix: str, losses, rank, sft, p, scores, valid) -> dict:
         f"{prefix}/rank": rank.mean().item(),
         f"{prefix}/sft": sft.mean().item(),
         f"{prefix}/p/best": (-sft).mean().item(),
-        f"{prefix}/p/mean": (p.sum() / valid.sum()).item(),
-        f"{prefix}/p/pair_accuracy": (right.sum() / ordered.sum()).item(),
+        f"{prefix}/p/mean": ((p * valid).sum(-1) / valid.sum(-1)).mean().item(),
+        f"{prefix}/p/pair_accuracy": (right.sum((1, 2)) / untied.clamp(min=1)).mean().item(),
         f"{prefix}/p/kendall_tau": tau.mean().item(),
     }
 
@@ -609,6 +617,7 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for the process, however many runs it trains
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
@@ -643,7 +652,11 @@ def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
             fully_shard(layer, mp_policy=mixed)
-        fully_shard(wrapped, mp_policy=mixed)  # the rest (embeddings, final norm, heads; tied weights stay together)
+        # the rest (embeddings, final norm, heads; tied weights stay together). reshard_after_forward=True: by default the
+        # root keeps its weights gathered after a forward, for the backward; after a no-grad forward (evaluation,
+        # generation, a frozen model) no backward comes, and the optimizer and the state dict would then see the
+        # gathered copies instead of the shards
+        fully_shard(wrapped, mp_policy=mixed, reshard_after_forward=True)
     elif world > 1 and trained:
         device = next(model.parameters()).device
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
@@ -758,7 +771,7 @@ def train(args: Args) -> dict:
     if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
         raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
     rank, world = init_distributed()
-    if args.fsdp and world == 1:
+    if args.fsdp and not dist.is_initialized():
         raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load
     device = pick_device(args.device)
@@ -928,8 +941,6 @@ def train(args: Args) -> dict:
     save(args.output_dir, policy, tokenizer, args)
     if run is not None:
         run.finish()
-    if world > 1:
-        dist.destroy_process_group()
     return metrics
 
 

@@ -56,8 +56,9 @@ def relative_gap(a: Path, b: Path, start: Path) -> float:
     the gap relative to the whole movement is not. Runs that truly agree measure ~1e-5 here."""
     wa, wb, w0 = (load_file(p / "model.safetensors") for p in (a, b, start))
     assert wa.keys() == wb.keys()
-    gap = sum(float(((wa[k] - wb[k]) ** 2).sum()) for k in wa)
-    moved = sum(float(((wa[k] - w0[k]) ** 2).sum()) for k in wa)
+    shared = wa.keys() & w0.keys()  # a reward model started from a causal LM has a head the start lacks
+    gap = sum(float(((wa[k] - wb[k]) ** 2).sum()) for k in shared)
+    moved = sum(float(((wa[k] - w0[k]) ** 2).sum()) for k in shared)
     return math.sqrt(gap / moved)
 
 
