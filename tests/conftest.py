@@ -101,6 +101,19 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
+def session_dir(tmp_path_factory) -> Path:
+    """A directory this test session's processes share: under pytest-xdist, the parent of the workers' temp dirs."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        return tmp_path_factory.getbasetemp().parent
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_reference_enumeration(tmp_path_factory):
+    """toy.reference_logprobs() takes about 15 s; with this file the session's workers enumerate it once between them."""
+    os.environ["TOY_REFERENCE_LOGPROBS"] = str(session_dir(tmp_path_factory) / "reference_logprobs.npz")
+
+
 @pytest.fixture(scope="session")
 def toy_reward_model(tmp_path_factory):
     """`python reward_model.py` with every default, trained once per test session on snapshots of the toy model and pairs.
@@ -113,8 +126,7 @@ def toy_reward_model(tmp_path_factory):
     """
     import reward_model
 
-    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
-    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("rm")  # the parent is this session's, common to its workers
+    root = session_dir(tmp_path_factory)
     d, record = root / "toy_reward_model", root / "toy_reward_model.json"
     with FileLock(str(root / "toy_reward_model.lock")):
         if not record.exists():

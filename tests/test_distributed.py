@@ -109,36 +109,31 @@ SCRIPTS = ["dpo.py", "ppo_rlhf.py", "spin.py", "ipo.py", "fdpo.py", "slic_hf.py"
 RESUMED = ["dpo.py", "ppo_rlhf.py"]  # their FSDP2 runs save a checkpoint, and a third run resumes from it
 
 
-@pytest.fixture(scope="module")
-def one_process(inputs, tmp_path_factory) -> dict:
-    """Every script's run on 1 process: {script: (output_dir, printed output)}."""
-    base = tmp_path_factory.mktemp("one")
-    outputs = launch([(s, command(s, inputs[s][0], 1, base / s, *inputs[s][1])) for s in SCRIPTS], 1)
-    return {s: (base / s, out) for s, out in zip(SCRIPTS, outputs)}
-
-
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, inputs, one_process, tmp_path):
-    """DDP (the default) or FSDP2 (--fsdp) on 2 processes against 1 process with the same global batch, every script;
-    under FSDP2, dpo.py and ppo_rlhf.py also resume from a checkpoint (the optimizer state gathered, then sharded again)."""
-    flag = ["--fsdp"] if mode == "fsdp" else []
-    runs = [(s, command(s, inputs[s][0], NPROC, tmp_path / s, *inputs[s][1], *flag)) for s in SCRIPTS]
-    if mode == "fsdp":
-        checkpoints = {"dpo.py": "checkpoint-2", "ppo_rlhf.py": "checkpoint-1"}
-        runs += [(s, command(s, inputs[s][0], NPROC, tmp_path / f"resumed-{s}", *inputs[s][1], *flag,
-                             "--resume_from", str(tmp_path / s / checkpoints[s]))) for s in RESUMED]
-    outputs = launch(runs, NPROC)
-    for script, out in zip(SCRIPTS, outputs):
-        reference, printed = one_process[script]
-        assert_same_trajectory(logged_steps(printed), logged_steps(out), script)
-        assert relative_gap(reference, tmp_path / script, TOY / "model") < GAP, script
-        if script == "ppo_rlhf.py":
-            assert relative_gap(reference / "value_model", tmp_path / script / "value_model", inputs["rm"]) < GAP
-        loader = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
-        loader.from_pretrained(tmp_path / script)  # rank 0 wrote a model that loads (under FSDP2, the shards gathered)
-    for script, out in zip(RESUMED, outputs[len(SCRIPTS):]):
-        assert "resumed from" in out
-        assert relative_gap(tmp_path / script, tmp_path / f"resumed-{script}", TOY / "model") < GAP, script
+def test_two_processes_match_one(inputs, tmp_path):
+    """DDP (the default) and FSDP2 (--fsdp) on 2 processes, each against 1 process with the same global batch, every
+    script; under FSDP2, dpo.py and ppo_rlhf.py also resume from a checkpoint (the optimizer state gathered, then
+    sharded again). One test, so that the 1-process runs are made once."""
+    one = {s: (tmp_path / "one" / s, out) for s, out in
+           zip(SCRIPTS, launch([(s, command(s, inputs[s][0], 1, tmp_path / "one" / s, *inputs[s][1])) for s in SCRIPTS], 1))}
+    for mode, flag in (("ddp", []), ("fsdp", ["--fsdp"])):
+        out_dir = tmp_path / mode
+        runs = [(s, command(s, inputs[s][0], NPROC, out_dir / s, *inputs[s][1], *flag)) for s in SCRIPTS]
+        if mode == "fsdp":
+            checkpoints = {"dpo.py": "checkpoint-2", "ppo_rlhf.py": "checkpoint-1"}
+            runs += [(s, command(s, inputs[s][0], NPROC, out_dir / f"resumed-{s}", *inputs[s][1], *flag,
+                                 "--resume_from", str(out_dir / s / checkpoints[s]))) for s in RESUMED]
+        outputs = launch(runs, NPROC)
+        for script, out in zip(SCRIPTS, outputs):
+            reference, printed = one[script]
+            assert_same_trajectory(logged_steps(printed), logged_steps(out), f"{script} ({mode})")
+            assert relative_gap(reference, out_dir / script, TOY / "model") < GAP, (script, mode)
+            if script == "ppo_rlhf.py":
+                assert relative_gap(reference / "value_model", out_dir / script / "value_model", inputs["rm"]) < GAP, mode
+            loader = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
+            loader.from_pretrained(out_dir / script)  # rank 0 wrote a model that loads (under FSDP2, the shards gathered)
+        for script, out in zip(RESUMED, outputs[len(SCRIPTS):]):
+            assert "resumed from" in out
+            assert relative_gap(out_dir / script, out_dir / f"resumed-{script}", TOY / "model") < GAP, script
 
 
 # --------------------------------------------------------------------------- the pieces that make the runs agree

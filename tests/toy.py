@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+from filelock import FileLock  # a dependency of torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +26,16 @@ def exact_logprobs(path) -> dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def reference_logprobs() -> dict[str, np.ndarray]:
-    """exact_logprobs of the toy reference (toy_world/model), enumerated once per session."""
-    return exact_logprobs(os.path.join(TOY, "model"))
+    """exact_logprobs of the toy reference (toy_world/model), enumerated once per process, or once per test session
+    where conftest names a file in TOY_REFERENCE_LOGPROBS that the session's workers share (the first writes it)."""
+    path = os.environ.get("TOY_REFERENCE_LOGPROBS")
+    if path is None:
+        return exact_logprobs(os.path.join(TOY, "model"))
+    with FileLock(path + ".lock"):
+        if not os.path.exists(path):
+            np.savez(path, **exact_logprobs(os.path.join(TOY, "model")))
+        with np.load(path) as saved:
+            return {p: saved[p] for p in world.PROMPTS}
 
 
 def kl_to_optimum(policy: dict, ref: dict, beta: float) -> float:
