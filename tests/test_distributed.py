@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from conftest import MEASURED
 from helpers import ROOT, TOY, head, relative_gap
 from torchrun_many import RUN_END
 
@@ -115,6 +116,7 @@ def test_two_processes_match_one(inputs, tmp_path):
     sharded again). One test, so that the 1-process runs are made once."""
     one = {s: (tmp_path / "one" / s, out) for s, out in
            zip(SCRIPTS, launch([(s, command(s, inputs[s][0], 1, tmp_path / "one" / s, *inputs[s][1])) for s in SCRIPTS], 1))}
+    gaps = {}
     for mode, flag in (("ddp", []), ("fsdp", ["--fsdp"])):
         out_dir = tmp_path / mode
         runs = [(s, command(s, inputs[s][0], NPROC, out_dir / s, *inputs[s][1], *flag)) for s in SCRIPTS]
@@ -126,14 +128,19 @@ def test_two_processes_match_one(inputs, tmp_path):
         for script, out in zip(SCRIPTS, outputs):
             reference, printed = one[script]
             assert_same_trajectory(logged_steps(printed), logged_steps(out), f"{script} ({mode})")
-            assert relative_gap(reference, out_dir / script, TOY / "model") < GAP, (script, mode)
+            gaps[script, mode] = relative_gap(reference, out_dir / script, TOY / "model")
+            assert gaps[script, mode] < GAP, (script, mode, gaps[script, mode])
             if script == "ppo_rlhf.py":
                 assert relative_gap(reference / "value_model", out_dir / script / "value_model", inputs["rm"]) < GAP, mode
             loader = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
             loader.from_pretrained(out_dir / script)  # rank 0 wrote a model that loads (under FSDP2, the shards gathered)
         for script, out in zip(RESUMED, outputs[len(SCRIPTS):]):
             assert "resumed from" in out
-            assert relative_gap(out_dir / script, out_dir / f"resumed-{script}", TOY / "model") < GAP, script
+            gaps[script, "resumed"] = relative_gap(out_dir / script, out_dir / f"resumed-{script}", TOY / "model")
+            assert gaps[script, "resumed"] < GAP, script
+    MEASURED.append(f"torchrun, {NPROC} CPU processes against 1, weight gap relative to the distance trained (DDP / FSDP2): "
+                    + "; ".join(f"{s} {gaps[s, 'ddp']:.1e} / {gaps[s, 'fsdp']:.1e}" for s in SCRIPTS)
+                    + "; FSDP2 resumed against uninterrupted: " + ", ".join(f"{s} {gaps[s, 'resumed']:.1e}" for s in RESUMED))
 
 
 # --------------------------------------------------------------------------- the pieces that make the runs agree
