@@ -45,6 +45,10 @@ Conventions and deviations
   (0 by default), and its end is treated as terminal (V = 0), as in TRL.
 - Sampling uses `--temperature`; the policy and reference log-probs use the
   same temperature (as TRL), so the policy being optimised is the one sampled.
+  Each token is drawn by inverting the softmax's CDF at the row's own uniform
+  number (seeded per rollout), not by torch.multinomial on the batch: the same
+  distribution, and a row's sample no longer depends on its batch or on the
+  number of processes.
 - The reward model must share the policy's tokenizer; it is a
   *ForSequenceClassification model with one label (reward_model.py makes
   one), read where its own forward reads it: the last non-padding token, the
@@ -848,7 +852,9 @@ def train(args: Args) -> dict:
     for model in (policy, value_model, ref_model, reward_model):
         if model is not None:
             disable_dropout(model)
-            if args.gradient_checkpointing and model in (policy, value_model):
+    if args.gradient_checkpointing:
+        for model in (policy, value_model):
+            if model is not None:
                 enable_gradient_checkpointing(model)
     # every call below goes through Forward: DDP for the two trained models on several ranks, FSDP2 for all four with --fsdp
     policy, value_model = (wrap(m, world, args.fsdp, use_bf16, trained=True) if m is not None else None for m in (policy, value_model))

@@ -56,7 +56,7 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     train/rewards/rejected      mean score r_l of the rejected responses
     train/rewards/margin        mean r_w - r_l
     train/rewards/mean          mean of all 2B scores, chosen and rejected together
-    train/rewards/std           their standard deviation (on train, within each micro-batch)
+    train/rewards/std           their standard deviation (on train, over the optimizer step's pairs on every process)
     train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
     train/epoch                 fractional epoch
     perf/tokens_per_sec         non-padding tokens through the model per second of wall time

@@ -215,6 +215,7 @@ RANKED_FORMAT = (
     "  the column names are --responses_column and --scores_column. Pairwise data is read as k = 2:\n"
 )
 
+
 def resolve_path(name: str) -> str:
     """A local path as given, else relative to this file (so the toy-world defaults work from any cwd), else a hub name."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)

@@ -29,6 +29,10 @@ Conventions and deviations
   recipe), both against the current opponent pi_t;
   `--no-previous_iteration_data` uses only t's. On the toy world the official
   choice is what makes every iteration close the gap (README).
+- Each generated token is drawn by inverting the softmax's CDF at the row's
+  own uniform number, seeded by (seed, iteration, split): the same
+  distribution as torch.multinomial, and the same generations on any number
+  of processes.
 - A generation that reaches --max_new_tokens without <eos> is kept, truncated
   (its log-prob is that of the prefix), and counted. A generation equal to the
   real answer is kept: such a pair has h = 0 and no gradient, as in the
@@ -206,6 +210,7 @@ SFT_FORMATS = (
     "  prompt-completion:  prompt, completion as strings, or as lists of {'role', 'content'} messages\n"
     "  conversational:     messages, a list of {'role', 'content'} messages whose last one is the answer"
 )
+
 
 def resolve_path(name: str) -> str:
     """A local path as given, else relative to this file (so the toy-world defaults work from any cwd), else a hub name."""

@@ -72,3 +72,21 @@ def test_rank_weight_scales_the_hinge_only(w):
 def test_diagnostics_are_detached():
     _, (losses, rank, sft, p) = loss([[-6.0, -2.0, -9.0]], [[3, 1, 2]], [[1.0, 3.0, 2.0]])
     assert losses.requires_grad and not (rank.requires_grad or sft.requires_grad or p.requires_grad)
+
+
+def test_metrics_are_means_over_groups_by_hand():
+    """Group 0 (k = 3): scores (3, 2, 1), p (-1, -2, -0.5); of its 3 ordered pairs only (y_1 below y_0) has p in the
+    same order: accuracy 1/3, tau (1 - 2)/3. Group 1 (k = 2, one padding slot with junk): scores (0, 1), p (-3, -1):
+    accuracy 1, tau 1. Means over groups: accuracy 2/3 (pooling the pairs would give 2/4), tau 1/3, p/mean
+    ((-3.5/3) + (-4/2))/2 = -19/12. Every metric being a mean over groups is what lets batches and ranks combine by
+    group counts."""
+    from rrhf import rrhf_metrics
+
+    p = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]])
+    scores = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 7.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    m = rrhf_metrics("train", torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 1.0]), p, scores, valid)
+    assert m["train/p/pair_accuracy"] == pytest.approx(2 / 3)
+    assert m["train/p/kendall_tau"] == pytest.approx(1 / 3)
+    assert m["train/p/mean"] == pytest.approx(-19 / 12)
+    assert (m["train/loss"], m["train/rank"], m["train/sft"], m["train/p/best"]) == (2.0, 0.25, 1.0, -1.0)
