@@ -51,7 +51,9 @@ def analytic(reference: dict, beta: float) -> dict:
     return {"alpha": grid, "entropy": [c[0] for c in curve], "reward": [c[1] for c in curve], "ends": ends}
 
 
-def train_point(cfg: Config, divergence: str, alpha: float) -> dict:
+def train_point(cfg: Config, divergence: str, alpha: float, **overrides) -> dict:
+    """Train fdpo.py at one divergence (cfg's beta, learning rate and epochs unless `overrides`, further fdpo.Args fields,
+    say otherwise) and measure the policy exactly over Y beside its analytic optimum."""
     import torch
 
     import fdpo
@@ -59,9 +61,9 @@ def train_point(cfg: Config, divergence: str, alpha: float) -> dict:
     torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        fdpo.train(fdpo.Args(divergence=divergence, alpha=alpha, beta=cfg.beta, learning_rate=cfg.learning_rate,
-                             num_train_epochs=cfg.num_train_epochs, precompute_ref_logps=True, eval_steps=0, logging_steps=100_000,
-                             output_dir=tmp, device="cpu"))
+        args = {"learning_rate": cfg.learning_rate, "num_train_epochs": cfg.num_train_epochs, **overrides}
+        fdpo.train(fdpo.Args(divergence=divergence, alpha=alpha, beta=cfg.beta, precompute_ref_logps=True, eval_steps=0,
+                             logging_steps=100_000, output_dir=tmp, device="cpu", **args))
         seconds = time.perf_counter() - start
         policy = toy.exact_logprobs(tmp)
     reference = toy.reference_logprobs()

@@ -4,8 +4,10 @@ Each divergence is held to its own optimum on Y, pi*(y) = pi_ref(y|Y) (f')^{-1}(
 normalising over Y (tests/fdpo_toy.py): the loss sees only answers in Y, so, as for DPO, the target is the policy
 conditioned on Y, with the mass that leaves Y reported beside it.
 
-How far it gets, and why not to 20% of the reference's KL (issue 5's target, not met). Measured, lr 3e-4, 16k pairs
-unless said, KL(pi|Y || pi*|Y) as a share of the reference's:
+How far it gets. Issue 5's target, KL(pi|Y || pi*|Y) at most 20% of the reference's for the forward KL and alpha = 0.5,
+is met by benchmarks/fdpo_target.py on 65,536 fresh pairs (1,536 steps of 256 pairs each, 8 times this test's compute;
+figures in the README), which the suite cannot afford. Here, on the toy world's 16k pairs at batch 32, the runs stop
+short of it. Measured, lr 3e-4, 16k pairs unless said, KL(pi|Y || pi*|Y) as a share of the reference's:
 - beta = 1: forward KL 65.8% (2 epochs), 62.8% (4 epochs, or 1 epoch of 64k fresh pairs: the same 2,048 steps),
   58.8% (2 epochs of 64k); alpha = 0.5: 39.5%, 36.3% (4 epochs). Not the data: four times the pairs for the same steps
   changes nothing. Not the model: fitting pi* directly by maximum likelihood on 65k of its samples, same steps, reaches
@@ -13,13 +15,19 @@ unless said, KL(pi|Y || pi*|Y) as a share of the reference's:
   d(beta f'(u))/d log u = beta u^(-alpha) (forward KL: beta/u) is 1/16 of its value at u = 1, so the loss is nearly
   flat along the last stretch; the trained policy stops at u ~ 2.7 there (implied reward gap 0.3 where it should be 1).
 - beta = 2: forward 37.7% (3 epochs), 32.8% (8 epochs), 35.3% (6 epochs, batch 128, lr 1e-3); alpha = 0.5 23.1% (3 epochs).
-- beta = 3 (below): forward 26.2% (25.8% after 5 epochs, 24.8% on 64k fresh pairs), alpha = 0.5 21.0% (19.2% on 64k
-  fresh pairs). Here the KL left is ~0.012 nats, which is the fitting floor: maximum likelihood on 65k samples of the
-  forward-KL optimum itself stops at 25.4%. The reverse KL (DPO) reaches 18.9% at the same setting.
+- beta = 3 (below): forward 26.2% (25.8% after 5 epochs, 24.8% after 1 epoch of 64k fresh pairs), alpha = 0.5 21.0%
+  (19.2% after 1 epoch of 64k fresh pairs). The KL left is ~0.015 nats. The reverse KL (DPO) reaches 18.9% at the same
+  setting.
 - beta = 5: forward 22.7%, alpha = 0.5 21.2%; beta = 8: forward 23.6% (3 epochs each). A larger beta brings the
   optimum closer to the reference (top-level u near 1, where the loss is not flat) but leaves less to fit.
-So this test holds each run to its measured figure (with the rounding below) and reports it; the 20% target needs a
-larger toy dataset and a longer run than the suite affords.
+- beta = 3, forward KL, 3 epochs, what does not help: lr 1e-3 (26.4%), batch 16 (26.3%), both answers drawn from an
+  even mixture of pi_ref and pi* (26.2%; the optimum does not depend on where the pairs are drawn). What does: more
+  passes at batch 256, lr 1e-3 (24 epochs of the 16k pairs, 20.8%), and more data (6 epochs of 65k fresh pairs, 17.5%;
+  alpha = 0.5 at lr 3e-4, 13.0%). The trained implied rewards beta f'(u) are compressed at the top: for "how was the
+  food ?", from r = 3 to r = 4 their mean rises by 0.42 where the optimum's rises by 1. Maximum likelihood on fresh
+  samples of pi* itself, 1,536 steps, behaves alike: 29.6% from 49k samples (batch 32, lr 3e-4), 18.2% from 393k
+  (batch 256, lr 1e-3).
+So this test holds each run to its measured figure (with the rounding below) and reports it.
 """
 
 import numpy as np
@@ -49,7 +57,7 @@ def test_fdpo_moves_toward_its_own_optimum_on_the_toy_world(tmp_path, divergence
     h_opt, r_opt = fdpo_toy.entropy_and_reward(optimum)
     flag = f" --alpha {alpha}" if divergence == "alpha" else ""
     MEASURED.append(f"fdpo.py --divergence {divergence}{flag}, {EPOCHS} epochs (beta={BETA:g}): KL(pi|Y || pi*|Y) {kl_ref:.4f} -> "
-                    f"{kl_trained:.4f} ({kl_trained / kl_ref:.1%} of the reference's; issue 5's target 20%); entropy on Y {h_ref:.3f} -> "
+                    f"{kl_trained:.4f} ({kl_trained / kl_ref:.1%} of the reference's; the 20% target is met with more data by benchmarks/fdpo_target.py); entropy on Y {h_ref:.3f} -> "
                     f"{h:.3f} (optimum {h_opt:.3f}); E[r] on Y {r_ref:.3f} -> {r:.3f} (optimum {r_opt:.3f}); mass outside Y {toy.bottom_mass(policy):.3f}")
     assert kl_trained <= bound * kl_ref
     assert abs(r - r_opt) < abs(r_ref - r_opt)
