@@ -15,8 +15,8 @@ short of it. Measured, lr 3e-4, 16k pairs unless said, KL(pi|Y || pi*|Y) as a sh
   d(beta f'(u))/d log u = beta u^(-alpha) (forward KL: beta/u) is 1/16 of its value at u = 1, so the loss is nearly
   flat along the last stretch; the trained policy stops at u ~ 2.7 there (implied reward gap 0.3 where it should be 1).
 - beta = 2: forward 37.7% (3 epochs), 32.8% (8 epochs), 35.3% (6 epochs, batch 128, lr 1e-3); alpha = 0.5 23.1% (3 epochs).
-- beta = 3 (below): forward 26.2% (25.8% after 5 epochs, 24.8% after 1 epoch of 64k fresh pairs), alpha = 0.5 21.0%
-  (19.2% after 1 epoch of 64k fresh pairs). The KL left is ~0.015 nats. The reverse KL (DPO) reaches 18.9% at the same
+- beta = 3 (below): forward 26.2% (25.8% after 5 epochs, 24.8% after 1 epoch of the benchmark's 65k fresh pairs),
+  alpha = 0.5 21.0% (19.2% after 1 epoch of those pairs). The KL left is ~0.015 nats. The reverse KL (DPO) reaches 18.9% at the same
   setting.
 - beta = 5: forward 22.7%, alpha = 0.5 21.2%; beta = 8: forward 23.6% (3 epochs each). A larger beta brings the
   optimum closer to the reference (top-level u near 1, where the loss is not flat) but leaves less to fit.
