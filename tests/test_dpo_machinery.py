@@ -257,8 +257,9 @@ def test_skipped_rows_are_counted_and_long_rows_truncated(toy_tokenizer, capsys)
     prompt, end, eos = ids(P), ids(P)[-4:], [toy_tokenizer.eos_token_id]
     assert kept == [
         {"chosen": prompt + ids(" good") + eos, "chosen_start": len(prompt),
-         "rejected": prompt + ids(" bad") + eos, "rejected_start": len(prompt), "index": 0},
-        {"chosen": end + ids(long)[:6], "chosen_start": 4, "rejected": end + ids(" bad") + eos, "rejected_start": 4, "index": 1},
+         "rejected": prompt + ids(" bad") + eos, "rejected_start": len(prompt), "index": 0, "row": 0},
+        {"chosen": end + ids(long)[:6], "chosen_start": 4, "rejected": end + ids(" bad") + eos, "rejected_start": 4,
+         "index": 1, "row": 1},
     ]
 
 
