@@ -435,16 +435,18 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
     return torch.load(state_file, weights_only=False)
 
 
-def load_pairs(args, tokenizer) -> tuple[list[dict], list[dict]]:
-    """The train and eval splits' preference pairs, tokenized (no eval split: no eval pairs)."""
+def load_pairs(args, tokenizer, tokenize=None, **kwargs) -> tuple[list[dict], list[dict]]:
+    """The train and eval splits' preference pairs, tokenized by `tokenize` (tokenize_pairs unless given; **kwargs go
+    to it). No eval split gives no eval pairs."""
+    tokenize = tokenize or tokenize_pairs
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
                                         args.eval_holdout, args.seed)
     check_columns(train_data, args.dataset_name)
-    train_rows = tokenize_pairs(train_data, tokenizer, args.max_length, args.max_prompt_length, "train")
+    train_rows = tokenize(train_data, tokenizer, args.max_length, args.max_prompt_length, "train", **kwargs)
     if eval_data is None:
         return train_rows, []
     check_columns(eval_data, args.dataset_name)
-    return train_rows, tokenize_pairs(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
+    return train_rows, tokenize(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval", **kwargs)
 
 
 def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
@@ -540,18 +542,25 @@ def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str,
         return None
     if not chat:
         return prompt, chosen, rejected, False
+    prompt_text, (chosen_text, rejected_text) = chat_texts(tokenizer, prompt, [chosen, rejected], index)
+    return prompt_text, chosen_text, rejected_text, True
+
+
+def chat_texts(tokenizer, prompt: list, responses: list, index: int) -> tuple[str, list[str]]:
+    """The prompt's messages rendered by the chat template up to the assistant's turn, and each response's messages as
+    the text the template adds after that: prompt_text + response_text is the whole rendered conversation."""
     if tokenizer.chat_template is None:
         raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     texts = []
-    for response in (chosen, rejected):
+    for response in responses:
         full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if not full.startswith(prompt_text):
             raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its "
                              "prefix; cannot separate the response")
         # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
         texts.append(full[len(prompt_text) :].rstrip())
-    return prompt_text, texts[0], texts[1], True
+    return prompt_text, texts
 
 
 def is_conversation(value) -> bool:

@@ -1,79 +1,46 @@
 """SPIN: Self-Play fINe-tuning, in one file.
 
-Paper: Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language Models
-to Strong Language Models", https://arxiv.org/abs/2401.01335
+Paper: Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models",
+https://arxiv.org/abs/2401.01335
 
-Objective (Sec. 4, with the logistic loss): at iteration t the opponent pi_t is
-a frozen copy of the current model. For each SFT prompt x, y is the human
-answer and y' ~ pi_t(.|x) is generated; with
+Objective (Sec. 4, with the logistic loss): at iteration t the opponent pi_t is a frozen copy of the current model.
+For each SFT prompt x, y is the human answer and y' ~ pi_t(.|x) is generated; with
 h = [log pi(y|x) - log pi_t(y|x)] - [log pi(y'|x) - log pi_t(y'|x)],
 
     L_SPIN = -E[ log sigmoid(beta * h) ]
 
-and pi_{t+1} is its minimiser. No preference labels: the data distribution
-p_data is the fixed point. The exact minimiser of one iteration's population
-loss is pi_{t+1} ∝ pi_t (p_data / pi_t)^(1/beta) (Theorem 5.4), so in log space
-the error shrinks by (1 - 1/beta) an iteration: for beta > 1/2 the exact
-iteration converges, for beta < 1/2 (the paper's 0.1) it overshoots. In
-practice each iteration takes a finite number of gradient steps from the
-previous iterate, and that is what moves toward p_data.
+and pi_{t+1} is its minimiser. No preference labels: the data distribution p_data is the fixed point. One
+iteration's exact population minimiser is pi_{t+1} ∝ pi_t (p_data / pi_t)^(1/beta) (Theorem 5.4): in log space the
+error shrinks by (1 - 1/beta) an iteration, so for beta < 1/2 (the paper's 0.1) the exact iteration overshoots. In
+practice each iteration takes a finite number of gradient steps from the previous iterate.
 
-Conventions and deviations
-- Each iteration: generate one response per training (and eval) prompt with the
-  current model (batched, `--temperature`, at most `--max_new_tokens` tokens
-  including <eos>); compute the opponent's log-probs of every (real, generated)
-  pair once with that same model, so only one model is ever in memory; then
-  train with a fresh optimizer and schedule, as the official recipe restarts
-  each iteration from the previous checkpoint.
-- Iteration t trains on the pairs generated at t and at t-1 (the official
-  recipe), both against the current opponent pi_t;
-  `--no-previous_iteration_data` uses only t's. On the toy world the official
-  choice is what makes every iteration close the gap (README).
-- Each generated token is drawn by inverting the softmax's CDF at the row's
-  own uniform number, seeded by (seed, iteration, split): the same
-  distribution as torch.multinomial, and the same generations on any number
-  of processes.
-- A generation that reaches --max_new_tokens without <eos> is kept, truncated
-  (its log-prob is that of the prefix), and counted. A generation equal to the
-  real answer is kept: such a pair has h = 0 and no gradient, as in the
-  population loss. Both counts are reported each iteration.
-- log pi(y|x) is summed over response tokens, as in dpo.py (whose data,
-  tokenization and log-prob code this file copies).
+Deviations and options
+- Each iteration generates one response per train (and eval) prompt with the current model (`--temperature`, at most
+  `--max_new_tokens` tokens, <eos> included), computes the opponent's log-probs of every pair once with that same
+  model (so only one model is ever in memory), then trains with a fresh optimizer and schedule, as the official
+  recipe restarts each iteration from the previous checkpoint.
+- Iteration t trains on the pairs generated at t and t-1 (the official recipe), both against pi_t;
+  `--no-previous_iteration_data` uses only t's. The toy world's default beta is 1; the paper's is 0.1.
+- A generation cut at --max_new_tokens without <eos> is kept (its log-prob is the prefix's), and so is one equal to
+  the real answer (h = 0, no gradient, as in the population loss); both are counted each iteration.
+- Data: prompt/completion columns (strings, or message lists), or a `messages` column whose last message is the
+  answer. output_dir/iteration-k holds pi_k and the pairs generated for it (generated.jsonl); `--resume_from
+  output_dir/iteration-k` continues with iteration k.
 
 Usage
-    python spin.py                                   # the embedded toy world (SFT answers from a known p_data), any CPU, under a minute
-    python spin.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
-        --dataset_name HuggingFaceH4/ultrachat_200k --train_split train_sft --eval_split test_sft \\
-        --beta 0.1 --num_iterations 3 --learning_rate 5e-7 \\
-        --max_new_tokens 256 --per_device_train_batch_size 8 --gradient_accumulation_steps 8 \\
-        --max_length 1024 --gradient_checkpointing --output_dir runs/spin-qwen
-    python spin.py --resume_from runs/spin/iteration-1   # continue with iteration 1 (the second)
-
-Data: prompt/completion columns (strings, or message lists), or one `messages`
-column whose last message is the answer.
-
-Saved: output_dir/iteration-k holds pi_k (k = 1..T: the model after iteration
-k - 1), its args.json, and generated.jsonl, the pairs generated at iteration k - 1
-(with --previous_iteration_data it also trained on iteration k - 2's)
-(prompt, real and generated text). output_dir holds the final model.
-
-Several GPUs (torchrun; a plain `python spin.py` needs none of it)
-    torchrun --nproc_per_node 4 spin.py <the flags above> --per_device_train_batch_size 2
-        # DDP: an optimizer step sees per_device_train_batch_size x 4 processes x gradient_accumulation_steps
-        # pairs, and the run is the one-process run with that global batch (tested on CPU to float rounding)
-    torchrun --nproc_per_node 8 spin.py <the flags above> --fsdp   # FSDP2: every model sharded per decoder layer
+    python spin.py                                   # the embedded toy world (SFT answers from a known p_data)
+    python spin.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name HuggingFaceH4/ultrachat_200k \\
+        --train_split train_sft --eval_split test_sft --beta 0.1 --num_iterations 3 --learning_rate 5e-7 \\
+        --max_new_tokens 256 --per_device_train_batch_size 8 --gradient_accumulation_steps 8 --max_length 1024 \\
+        --gradient_checkpointing --output_dir runs/spin-qwen
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
     train/loss                  mean SPIN loss
-    train/rewards/real          beta * (log pi - log pi_t) of the real (SFT) answer
-    train/rewards/generated     the same for the generated answer
-    train/rewards/margin        real minus generated (= beta * h)
-    train/rewards/accuracy      fraction of pairs with margin > 0
+    train/rewards/real          beta * (log pi - log pi_t) of the real (SFT) answer; rewards/generated likewise
+    train/rewards/margin        real minus generated (= beta * h); rewards/accuracy: the fraction with margin > 0
     train/logps/real, train/logps/generated    summed log-probs under the policy
-    train/iteration             t
-    train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
-    train/epoch                 fractional epoch within the iteration
-    perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
+    train/iteration, train/epoch               t, and the fractional epoch within the iteration
+    train/lr, train/grad_norm, perf/tokens_per_sec    as in every script
     eval/...                    the same quantities on the held-out prompts, at the end of each iteration
     generation/identical, generation/no_eos, generation/length   per iteration: fraction of generations equal
                                 to the real answer, fraction cut at --max_new_tokens, mean tokens
@@ -107,7 +74,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 class Args:
     # ---- model and data
     model_name_or_path: str = "toy_world/model"
-    """starting policy pi_0, usually an SFT model: a hub name or a local directory (a relative path is also looked up next to this file)"""
+    """starting policy pi_0, usually an SFT model: a hub name or a local directory (a relative path is also looked up
+    next to this file)"""
     dataset_name: str = "toy_world/sft"
     """SFT data: a hub name, a local directory, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: Optional[str] = None
@@ -122,13 +90,15 @@ class Args:
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
     """tokens kept from the end of a prompt when a row is longer than max_length (and for generation)"""
-    # ---- SPIN
+    # ---- the method
     beta: float = 1.0
-    """beta, the scale of the log-ratios inside the logistic loss (Sec. 4). The paper uses 0.1; below 1/2 the exact iteration overshoots, and on the toy world beta = 0.1 does not close the gap (README)"""
+    """beta, the scale of the log-ratios inside the logistic loss (Sec. 4). The paper uses 0.1; below 1/2 the exact
+    iteration overshoots (Theorem 5.4)"""
     num_iterations: int = 3
     """T, self-play iterations: each generates with the current model, then trains against it"""
     previous_iteration_data: bool = True
-    """train iteration t on the pairs generated at t and t-1, as the official recipe does (--no-previous_iteration_data: only t's)"""
+    """train iteration t on the pairs generated at t and t-1, as the official recipe does
+    (--no-previous_iteration_data: only t's)"""
     max_new_tokens: int = 5
     """generation budget in tokens, <eos> included (the toy world's answers are at most 4 words + <eos>)"""
     temperature: float = 1.0
@@ -183,7 +153,7 @@ class Args:
     """wandb run name"""
 
 
-# --------------------------------------------------------------------------- the method
+# ---------------------------------------------------------------------------------------------------------- the method
 def spin_loss(
     policy_real_logps: torch.Tensor,
     policy_generated_logps: torch.Tensor,
@@ -204,18 +174,364 @@ def spin_loss(
     return losses, (beta * real_logratios).detach(), (beta * generated_logratios).detach()
 
 
-# --------------------------------------------------------------------------- data
-SFT_FORMATS = (
-    "accepted SFT formats:\n"
-    "  prompt-completion:  prompt, completion as strings, or as lists of {'role', 'content'} messages\n"
-    "  conversational:     messages, a list of {'role', 'content'} messages whose last one is the answer"
-)
+def spin_metrics(prefix: str, losses, policy_real, policy_generated, real_rewards, generated_rewards) -> dict:
+    margin = real_rewards - generated_rewards
+    return {
+        f"{prefix}/loss": losses.mean().item(),
+        f"{prefix}/rewards/real": real_rewards.mean().item(),
+        f"{prefix}/rewards/generated": generated_rewards.mean().item(),
+        f"{prefix}/rewards/margin": margin.mean().item(),
+        f"{prefix}/rewards/accuracy": (margin > 0).float().mean().item(),
+        f"{prefix}/logps/real": policy_real.detach().mean().item(),
+        f"{prefix}/logps/generated": policy_generated.detach().mean().item(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- the method's own data
+def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: Args, iteration: int, desc: str,
+                    runtime) -> tuple[list[dict], dict]:
+    """One generation per SFT row from `model` (the opponent), as pairs: chosen = real, rejected = generated.
+
+    Returns the pairs and generation statistics. The ranks split the rows and then share what they generated. Each
+    row's draws come from a sampler seeded by (seed, iteration, split), so a resumed run regenerates the same data,
+    and so does a run on another number of processes. No rows (no eval split) give no pairs.
+    """
+    if not sft_rows:
+        return [], {}
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7919 * iteration + (desc == "eval"))
+    uniforms = torch.rand(len(sft_rows), args.max_new_tokens, generator=g)  # (N, R): row i's draws, wherever it runs
+    model.eval()
+    order = sorted(range(len(sft_rows)), key=lambda i: len(sft_rows[i]["prompt"]))  # similar lengths: little padding
+    generated: dict[int, tuple[list[int], bool]] = {}
+    step = args.per_device_generation_batch_size * runtime.world
+    for s in tqdm(range(0, len(order), step), desc=f"generating ({desc}, iteration {iteration})", leave=False):
+        chunk, n = rank_share(order[s : s + step], runtime.rank, runtime.world)
+        query, query_mask = left_pad([sft_rows[i]["prompt"] for i in chunk], pad_id)
+        with runtime.autocast():
+            responses = model(generate, query.to(runtime.device), query_mask.to(runtime.device), args.max_new_tokens,
+                              args.temperature, tokenizer.eos_token_id, uniforms[chunk].to(runtime.device))
+        responses, mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
+        for b, i in enumerate(chunk[:n]):
+            generated[i] = responses[b][mask[b]].tolist(), bool(has_eos[b])
+    generated = gather_dicts(generated)  # every rank's generations
+    pairs, identical, length = [], 0, 0
+    no_eos = sum(not has_eos for _, has_eos in generated.values())
+    for i, row in enumerate(sft_rows):
+        answer = generated[i][0]
+        rejected = row["prompt"] + answer
+        identical += rejected == row["real"]
+        length += len(answer)
+        pairs.append({"chosen": row["real"], "chosen_start": row["real_start"], "rejected": rejected,
+                      "rejected_start": len(row["prompt"]), "index": i,
+                      "text": (*row["text"], tokenizer.decode(answer, skip_special_tokens=True))})
+    n = len(sft_rows)
+    stats = {"generation/identical": identical / n, "generation/no_eos": no_eos / n, "generation/length": length / n}
+    print(f"{desc}, iteration {iteration}: {n} generations, {identical} equal to the real answer, {no_eos} cut at "
+          f"{args.max_new_tokens} tokens without <eos>, {length / n:.1f} tokens on average")
+    return pairs, stats
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def train(args: Args) -> dict:
+    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
+        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length "
+                         f"({args.max_length}) to leave room for a response")
+    runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
+
+    # ---- the policy: pi_0, or the iteration to resume from. Each iteration's opponent is the policy as it starts
+    policy_path = resolve_path(args.resume_from or args.model_name_or_path)
+    tokenizer, pad_id = load_tokenizer(policy_path)
+    policy = load_model(policy_path, args, runtime, trained=True)
+    runtime.seed_per_rank(args.seed)
+    first, previous = load_iteration_state(args.resume_from, policy_path)  # (0, None) for a new run
+
+    # ---- data: SFT prompts with their real answers, tokenized once
+    train_sft, eval_sft = load_sft(args, tokenizer)
+    tracker = init_tracking(args, runtime)
+    metrics, steps_done = {}, 0
+    for t in range(first, args.num_iterations):
+        # 1-2. the opponent pi_t is the current model: generate with it, and pair each real answer with its generation
+        pairs, generation_stats = self_play_pairs(policy, train_sft, tokenizer, pad_id, args, t, "train", runtime)
+        eval_pairs, _ = self_play_pairs(policy, eval_sft, tokenizer, pad_id, args, t, "eval", runtime)
+        for p in pairs[: args.num_sample_generations]:
+            print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
+        # 3. the pairs to train on (with the previous iteration's, if asked), and the opponent's log-probs of them, once
+        if args.previous_iteration_data and previous:
+            pairs_before = [p | {"index": len(pairs) + i} for i, p in enumerate(previous)]
+        else:
+            pairs_before = []
+        train_rows = pairs + pairs_before
+        print(f"iteration {t}: training on {len(train_rows)} pairs ({len(pairs_before)} from iteration {t - 1})")
+        opponent = {split: precompute_ref_logps(policy, rows, args.per_device_eval_batch_size, pad_id, runtime)
+                    for split, rows in (("train", train_rows), ("eval", eval_pairs))}
+        batches = TrainBatches(train_rows, args, runtime, epoch_offset=10_000 * t)  # each iteration its own order
+
+        def batch_losses(batch: dict, split: str, n: int) -> tuple[torch.Tensor, dict]:
+            """Losses of one batch, and the step metrics of its n real rows (of its stand-in if n = 0)."""
+            with runtime.autocast():
+                real, generated = policy(pair_logps, batch)
+            opponent_real, opponent_generated = ref_pair_logps(None, opponent, batch, split, runtime)
+            losses, real_rewards, generated_rewards = spin_loss(real, generated, opponent_real, opponent_generated,
+                                                                args.beta)
+            part = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
+            return losses, spin_metrics(split, *(x[part] for x in (losses, real, generated, real_rewards,
+                                                                    generated_rewards)))
+
+        @torch.no_grad()
+        def evaluate() -> dict:
+            policy.eval()
+            sums = MetricSums()
+            for rows, n in eval_batches(eval_pairs, args.per_device_eval_batch_size, runtime):
+                losses, metrics = batch_losses(to_device(collate(rows, pad_id), runtime.device), "eval", n)
+                sums.add(metrics, n)
+            policy.train()
+            return sums.means(runtime.device)[0]
+
+        # 4. train pi_{t+1} from pi_t: a fresh optimizer and schedule each iteration
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        scheduler = linear_schedule(optimizer, args.warmup_ratio, batches.total_steps)
+        last_checkpoint = os.path.join(args.output_dir, f"iteration-{t}") if t > first else args.resume_from
+        policy.train()
+        progress = tqdm(range(batches.total_steps), desc=f"spin, iteration {t}")
+        for step in progress:
+            sums = MetricSums()  # also starts the step's clock
+            for micro in batches.of_step(step):
+                batch = to_device(collate(micro.rows, pad_id), runtime.device)
+                with sync_gradients(policy, micro.last):
+                    losses, batch_metrics = batch_losses(batch, "train", micro.n)
+                    check_finite(losses, "loss", f"{step} of iteration {t}", last_checkpoint)
+                    micro.global_mean(losses).backward()
+                sums.add(batch_metrics, micro.n, micro.real_tokens(batch["attention_mask"]))
+            grad_norm = clip_gradients(policy, args.max_grad_norm)
+            check_finite(grad_norm, "gradient norm", f"{step} of iteration {t}", last_checkpoint)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics, tokens_per_sec = sums.means(runtime.device)
+            metrics.update({"train/iteration": t, "train/lr": scheduler.get_last_lr()[0],
+                            "train/grad_norm": grad_norm.item(), "train/epoch": micro.epoch,
+                            "perf/tokens_per_sec": tokens_per_sec})
+            done, steps_done = step + 1, steps_done + 1
+            if done == batches.total_steps:
+                metrics.update(generation_stats)
+                if eval_pairs:
+                    metrics.update(evaluate())
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
+            if done % args.logging_steps == 0 or done == batches.total_steps:
+                tqdm.write(f"iteration {t}, step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if tracker is not None:
+                tracker.log(metrics, step=steps_done)
+        if tracker is not None:
+            import wandb
+
+            samples = [list(p["text"]) for p in pairs[: args.num_sample_generations]]
+            tracker.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"], data=samples)},
+                        step=steps_done)
+        # 5. save pi_{t+1}, with the pairs generated at t
+        save_iteration(os.path.join(args.output_dir, f"iteration-{t + 1}"), policy, tokenizer, args, pairs, t + 1)
+        previous = pairs
+    save(args.output_dir, policy, tokenizer, args)
+    if tracker is not None:
+        tracker.finish()
+    return metrics
+
+
+# ======================================================================================================================
+# Shared machinery: byte-identical in every script that has it (tests/test_copies_identical.py).
+# A reader learning the method can stop here.
+#
+# The conventions every script follows:
+# - Data. --dataset_name is a hub name, a local directory or a .json/.jsonl/.parquet/.csv file. Preference pairs come
+#   in three formats: standard (`prompt`, `chosen`, `rejected` strings), conversational (the same columns as lists of
+#   {"role", "content"} messages, rendered with the tokenizer's chat template) and implicit prompt (`chosen` and
+#   `rejected` only, as in hh-rlhf: the prompt is their longest shared prefix, backed up to a word boundary, or to a
+#   whole message). A missing or mistyped column stops the run with an error that names it. Rows that cannot be used
+#   (an empty prompt, chosen equal to rejected, identical once tokenized or truncated) are skipped, counted by reason
+#   and reported, never dropped silently.
+# - Tokens. Every response ends with <eos> (unless the tokenizer or chat template already ended it), so the policy
+#   learns when to stop; an empty response is scored as its <eos> alone. Where a tokenizer merges the end of the
+#   prompt with the start of the response, the merged token counts as response, as in TRL: the sequence is exactly
+#   the tokenizer's prompt + response. log pi(y|x) is summed over response tokens; the LM head and a float32
+#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
+# - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
+#   start of its responses.
+# - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). A reference model runs in
+#   the policy's dtype and autocast, so the policy's log-ratio to it is exactly 0 at step 0.
+# - Several processes. `torchrun --nproc_per_node N X.py` runs DDP, or FSDP2 with --fsdp (sharded per decoder layer);
+#   a plain `python X.py` is one process with no distributed set-up. Batch sizes are per process. The data order
+#   depends only on the seed and the global batch; each global micro-batch is cut into N equal parts (stand-in rows,
+#   weighted 0, fill a short one); losses are scaled so that DDP's gradient average is the mean over the global
+#   batch. So N processes run the one-process run with the same global batch. Rank 0 prints, logs and writes.
+# - Saving. output_dir receives the final model (save_pretrained: weights, tokenizer, args.json), which loads with
+#   from_pretrained. --save_steps N also writes output_dir/checkpoint-N with the optimizer, scheduler and every rank's
+#   RNG state, from which --resume_from continues the same trajectory. A non-finite loss or gradient norm stops the
+#   run and names the last good checkpoint.
+# ======================================================================================================================
+@dataclass
+class Runtime:
+    """This process: its rank among `world` processes (0 of 1 under a plain `python`), its device, and bf16 autocast."""
+
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+
+    def autocast(self):
+        """bf16 autocast on CUDA with --bf16 (weights and log-softmax stay float32); otherwise nothing."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def seed_per_rank(self, seed: int) -> None:
+        """Once the models have loaded alike on every rank, each rank draws its own random stream (dropout)."""
+        if self.world > 1:
+            seed_everything(seed + 100_003 * self.rank)
+
+
+def setup(args) -> Runtime:
+    """torchrun's process group (none under a plain `python`), every RNG seeded alike, and the device."""
+    rank, world = init_distributed()
+    if args.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+    seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
+    device = pick_device(args.device)
+    return Runtime(rank, world, device, args.bf16 and device.type == "cuda")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python X.py` is rank 0 of 1.
+
+    Ranks other than 0 print nothing and draw no progress bars; their errors still reach stderr.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for the process, however many runs it trains
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def resolve_path(name: str) -> str:
-    """A local path as given, else relative to this file (so the toy-world defaults work from any cwd), else a hub name."""
+    """A local path as given, else next to this file (so the toy-world defaults work from any cwd), else a hub name."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     return name if os.path.exists(name) or not os.path.exists(here) else here
+
+
+def load_tokenizer(path: str):
+    """(tokenizer, pad_id): the pad token, or the eos token where there is none (padding is masked)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {path!r} has no eos token; responses need one")
+    return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=AutoModelForCausalLM, **kwargs):
+    """A float32 model on this process's device, wrapped for several processes (`wrap`).
+
+    A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a frozen one is put
+    in eval mode without gradients.
+    """
+    model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs).to(runtime.device)
+    if trained:
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.config.use_cache = False
+    else:
+        model.eval().requires_grad_(False)
+    return wrap(model, runtime.world, args.fsdp, runtime.bf16, trained=trained)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
+    """model inside Forward: sharded per decoder layer with FSDP2 (--fsdp), else in DDP if trained on several ranks."""
+    wrapped = Forward(model)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mixed = MixedPrecisionPolicy()
+        if bf16:  # bf16 compute on CUDA; the shards, the optimizer and the gradient reduction stay float32
+            mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+            fully_shard(layer, mp_policy=mixed)
+        # the rest (embeddings, final norm, heads; tied weights stay together). reshard_after_forward=True: by default
+        # the root keeps its weights gathered after a forward, for the backward; after a no-grad forward (evaluation,
+        # generation, a frozen model) no backward comes, and the optimizer and the state dict would then see the
+        # gathered copies instead of the shards
+        fully_shard(wrapped, mp_policy=mixed, reshard_after_forward=True)
+    elif world > 1 and trained:
+        device = next(model.parameters()).device
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+class Forward(torch.nn.Module):
+    """Runs fn(model, ...) as this module's forward.
+
+    DDP syncs gradients, and FSDP2 gathers sharded weights, only around a
+    module's forward (they hook __call__), while the log-prob code calls the
+    model's body and LM head separately and generation calls it token by
+    token. So every call on a model goes through this module; on one process
+    it changes nothing.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def load_iteration_state(resume_from: Optional[str], path: str) -> tuple[int, Optional[list[dict]]]:
+    """(the iteration to run next, the pairs generated for the saved one) of an iteration directory; (0, None) when
+    not resuming."""
+    if not resume_from:
+        return 0, None
+    state_file = os.path.join(path, "spin_state.json")
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"--resume_from needs an iteration directory written by spin.py "
+                                f"(output_dir/iteration-k); {path!r} has no spin_state.json")
+    with open(state_file) as f:
+        first = json.load(f)["next_iteration"]
+    print(f"resumed from {resume_from}: iteration {first} next")
+    return first, torch.load(os.path.join(path, "pairs.pt"), weights_only=False)
+
+
+def load_sft(args, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The train and eval splits' SFT rows, tokenized (no eval split: no eval rows)."""
+    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
+                                        args.eval_holdout, args.seed)
+    check_sft_columns(train_data, args.dataset_name)
+    train_rows = tokenize_sft(train_data, tokenizer, args.max_length, args.max_prompt_length, "train")
+    if eval_data is None:
+        return train_rows, []
+    check_sft_columns(eval_data, args.dataset_name)
+    return train_rows, tokenize_sft(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
 
 
 def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
@@ -240,16 +556,20 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
     return parts["train"], parts["test"]
 
 
-def is_conversation(value) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+SFT_FORMATS = (
+    "accepted SFT formats:\n"
+    "  prompt-completion:  prompt, completion as strings, or as lists of {'role', 'content'} messages\n"
+    "  conversational:     messages, a list of {'role', 'content'} messages whose last one is the answer"
+)
 
 
 def check_sft_columns(dataset, name: str) -> None:
     """Stop early, naming the problem, if the columns fit neither SFT format."""
-    cols = set(dataset.column_names)
-    if "messages" not in cols and not {"prompt", "completion"} <= cols:
-        missing = "completion" if "prompt" in cols else "prompt"
-        raise ValueError(f"dataset {name!r} has no column {missing!r} and no 'messages' column (columns: {sorted(cols)}).\n{SFT_FORMATS}")
+    columns = set(dataset.column_names)
+    if "messages" not in columns and not {"prompt", "completion"} <= columns:
+        missing = "completion" if "prompt" in columns else "prompt"
+        raise ValueError(f"dataset {name!r} has no column {missing!r} and no 'messages' column "
+                         f"(columns: {sorted(columns)}).\n{SFT_FORMATS}")
 
 
 def sft_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool]]:
@@ -257,27 +577,44 @@ def sft_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool
     if row.get("messages") is not None:
         messages = row["messages"]
         if not is_conversation(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise ValueError(f"row {index}: 'messages' should be a list of {{'role', 'content'}} messages ending with the assistant's answer, "
-                             f"got {str(messages)[:80]!r}\n{SFT_FORMATS}")
+            raise ValueError(f"row {index}: 'messages' should be a list of {{'role', 'content'}} messages ending with "
+                             f"the assistant's answer, got {str(messages)[:80]!r}\n{SFT_FORMATS}")
         prompt, completion = messages[:-1], messages[-1:]
     else:
         prompt, completion = row["prompt"], row["completion"]
     chat = is_conversation(prompt)
-    for col, value in (("prompt", prompt), ("completion", completion)):
+    for column, value in (("prompt", prompt), ("completion", completion)):
         if not (is_conversation(value) if chat else isinstance(value, str)):
             kind = "a list of {'role', 'content'} messages like 'prompt'" if chat else "a string like 'prompt'"
-            raise ValueError(f"row {index}: column {col!r} should be {kind}, got {type(value).__name__}: {str(value)[:80]!r}\n{SFT_FORMATS}")
+            raise ValueError(f"row {index}: column {column!r} should be {kind}, got {type(value).__name__}: "
+                             f"{str(value)[:80]!r}\n{SFT_FORMATS}")
     if not prompt or (chat and not completion):  # an empty text answer is kept: it is scored as its <eos>
         return None
     if not chat:
         return prompt, completion, False
+    prompt_text, (completion_text,) = chat_texts(tokenizer, prompt, [completion], index)
+    return prompt_text, completion_text, True
+
+
+def chat_texts(tokenizer, prompt: list, responses: list, index: int) -> tuple[str, list[str]]:
+    """The prompt's messages rendered by the chat template up to the assistant's turn, and each response's messages as
+    the text the template adds after that: prompt_text + response_text is the whole rendered conversation."""
     if tokenizer.chat_template is None:
         raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its prefix; cannot separate the response")
-    return prompt_text, full[len(prompt_text) :].rstrip(), True  # as dpo.py: what follows the turn's end token is dropped
+    texts = []
+    for response in responses:
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its "
+                             "prefix; cannot separate the response")
+        # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
+        texts.append(full[len(prompt_text) :].rstrip())
+    return prompt_text, texts
+
+
+def is_conversation(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
 def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) -> tuple[list[int], list[int]]:
@@ -299,7 +636,8 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
 
 
 def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
-    """Each usable row's prompt ids (to generate from), the real answer's full sequence, and where its response starts."""
+    """Each usable row's prompt ids (to generate from), the real answer's full sequence, and where its response
+    starts."""
     rows, skipped, truncated = [], Counter(), 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
         texts = sft_texts(row, i, tokenizer)
@@ -307,21 +645,121 @@ def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, de
             skipped["empty prompt or answer"] += 1
             continue
         prompt, completion, templated = texts
-        pc, c = tokenize_response(tokenizer, prompt, completion, templated)
+        real_prompt, real_answer = tokenize_response(tokenizer, prompt, completion, templated)
         prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-        if not (pc and prompt_ids):
+        if not (real_prompt and prompt_ids):
             skipped["empty prompt or answer"] += 1
             continue
-        if len(pc) + len(c) > max_length:
+        if len(real_prompt) + len(real_answer) > max_length:
             truncated += 1
-            pc = pc[-max_prompt_length:]
-            c = c[: max_length - len(pc)]
-        rows.append({"prompt": prompt_ids[-max_prompt_length:], "real": pc + c, "real_start": len(pc), "text": (prompt, completion)})
+            real_prompt = real_prompt[-max_prompt_length:]
+            real_answer = real_answer[: max_length - len(real_prompt)]
+        rows.append({"prompt": prompt_ids[-max_prompt_length:], "real": real_prompt + real_answer,
+                     "real_start": len(real_prompt), "text": (prompt, completion)})
     report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
-    print(f"{desc}: {len(rows)} SFT rows kept of {len(dataset)}; {truncated} truncated to {max_length} tokens; skipped: {report}")
+    print(f"{desc}: {len(rows)} SFT rows kept of {len(dataset)}; {truncated} truncated to {max_length} tokens; "
+          f"skipped: {report}")
     if not rows:
         raise ValueError(f"no usable rows in the {desc} split")
     return rows
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, P): prompts left-padded so that every response starts at column P."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
+             eos_id: int, uniforms: torch.Tensor) -> torch.Tensor:
+    """Sample up to max_new_tokens after each left-padded query (B, P) with the KV cache; returns ids (B, R).
+
+    Token t of row b is drawn by inverting the CDF at uniforms[b, t] (B, max_new_tokens), so a row's sample depends on
+    its own draws only, not on the rows it is batched with or on the number of processes. Stops once every row (on
+    every rank) has sampled an EOS; what a row samples after its EOS is cut by truncate_after_eos.
+    """
+    position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
+    out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    attention_mask, position = query_mask, position_ids[:, -1:]
+    tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
+    while True:
+        cdf = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cumsum(-1)  # (B, V)
+        u = uniforms[:, len(tokens), None].to(cdf.device) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first with cdf > u
+        tokens.append(token)
+        done |= token[:, 0] == eos_id
+        finished = done.all().int()
+        if dist.is_initialized():  # every rank stops at the same step: FSDP2 gathers each layer with all ranks at once
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+        if finished or len(tokens) == max_new_tokens:
+            return torch.cat(tokens, dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        position = position + 1
+        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int,
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each sampled response after its first EOS.
+
+    responses (B, R) sampled ids. Returns the responses with every token after
+    the first EOS replaced by pad_id (B, R), the mask of kept tokens (B, R, EOS
+    included) and has_eos (B,).
+    """
+    is_eos = responses == eos_id
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return responses.masked_fill(after, pad_id), ~after, is_eos.any(-1)
+
+
+def gather_dicts(part: dict) -> dict:
+    """Every rank's dict merged into one, on every rank (the dict itself on one process)."""
+    if not dist.is_initialized():
+        return part
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+class TrainBatches:
+    """This rank's micro-batches of each optimizer step, wherever the epoch boundaries fall.
+
+    The order of an epoch is a pure function of (seed, epoch) and the global batch (the per-process batch times the
+    processes), the same on every rank: a resumed run replays it, and N processes train on the batches of the
+    one-process run with the same global batch. `order` makes one epoch's batches (batch_order by default).
+    """
+
+    def __init__(self, rows: list[dict], args, runtime: Runtime, order=None, epoch_offset: int = 0):
+        self.rows, self.runtime, self.order = rows, runtime, order or batch_order
+        self.seed, self.group_by_length, self.epoch_offset = args.seed, args.group_by_length, epoch_offset
+        self.accumulation = args.gradient_accumulation_steps
+        self.batch_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
+        batches_per_epoch = math.ceil(len(rows) / self.batch_size)
+        if batches_per_epoch < self.accumulation:
+            raise ValueError(f"{len(rows)} training rows make {batches_per_epoch} micro-batches of {self.batch_size}, "
+                             f"fewer than gradient_accumulation_steps={self.accumulation}")
+        self.steps_per_epoch = batches_per_epoch // self.accumulation
+        self.total_steps = args.max_steps if args.max_steps > 0 else self.steps_per_epoch * args.num_train_epochs
+        self.orders: dict[int, list[list[int]]] = {}
+
+    def of_step(self, step: int):
+        """The MicroBatch of each of the gradient_accumulation_steps micro-batches of optimizer step `step`."""
+        per_epoch = self.steps_per_epoch * self.accumulation
+        for m in range(self.accumulation):
+            epoch, i = divmod(step * self.accumulation + m, per_epoch)
+            if epoch not in self.orders:
+                self.orders[epoch] = self.order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
+                                                self.group_by_length)
+            rows = [self.rows[j] for j in self.orders[epoch][i]]
+            share, n = rank_share(rows, self.runtime.rank, self.runtime.world)
+            yield MicroBatch(share, n, len(rows), m == self.accumulation - 1, epoch + i / per_epoch,
+                             self.accumulation, self.runtime.world)
 
 
 def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
@@ -338,284 +776,6 @@ def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_
     return batches
 
 
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Chosen then rejected sequences in one right-padded batch of 2B rows.
-
-    `targets` holds the next token at each position and -100 where it is not
-    a response token, so log-probs are gathered at response positions only.
-    """
-    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    starts = [r["chosen_start"] for r in rows] + [r["rejected_start"] for r in rows]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for b, (seq, start) in enumerate(zip(seqs, starts)):
-        input_ids[b, : len(seq)] = torch.tensor(seq)
-        attention_mask[b, : len(seq)] = 1
-        targets[b, start - 1 : len(seq) - 1] = torch.tensor(seq[start:])  # position t predicts token t+1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "index": torch.tensor([r["index"] for r in rows])}
-
-
-# --------------------------------------------------------------------------- generation and log-probs
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (B, P): prompts left-padded so that every response starts at column P."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p)
-        mask[b, width - len(p) :] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
-             uniforms: torch.Tensor) -> torch.Tensor:
-    """Sample up to max_new_tokens after each left-padded query (B, P) with the KV cache; returns ids (B, R).
-
-    Token t of row b is drawn by inverting the CDF at uniforms[b, t] (B, max_new_tokens), so a row's sample depends on
-    its own draws only, not on the rows it is batched with or on the number of processes. Stops once every row (on
-    every rank) has sampled an EOS; what a row samples after its EOS is cut by truncate_after_eos.
-    """
-    position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
-    out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    attention_mask, position = query_mask, position_ids[:, -1:]
-    tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
-    while True:
-        cdf = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cumsum(-1)  # (B, V)
-        u = uniforms[:, len(tokens), None].to(cdf.device) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first token with cdf > u
-        tokens.append(token)
-        done |= token[:, 0] == eos_id
-        finished = done.all().int()
-        if dist.is_initialized():  # every rank stops at the same step: FSDP2 gathers each layer with all ranks at once
-            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
-        if finished or len(tokens) == max_new_tokens:
-            return torch.cat(tokens, dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        position = position + 1
-        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position, past_key_values=out.past_key_values,
-                    use_cache=True)
-
-
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each sampled response after its first EOS.
-
-    responses (B, R) sampled ids. Returns the responses with every token after
-    the first EOS replaced by pad_id (B, R), the mask of kept tokens (B, R, EOS
-    included) and has_eos (B,).
-    """
-    is_eos = responses == eos_id
-    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    return responses.masked_fill(after, pad_id), ~after, is_eos.any(-1)
-
-
-def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: Args, iteration: int, desc: str, device, autocast,
-                    rank: int, world: int) -> tuple[list[dict], dict]:
-    """One generation per SFT row from `model` (the opponent), as dpo.py-style pairs: chosen = real, rejected = generated.
-
-    Returns the pairs and generation statistics. The ranks split the rows and
-    then share what they generated. Each row's draws come from a sampler
-    seeded by (seed, iteration, split), so a resumed run regenerates the same
-    data, and so does a run on another number of processes.
-    """
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7919 * iteration + (desc == "eval"))
-    uniforms = torch.rand(len(sft_rows), args.max_new_tokens, generator=g)  # (N, R): row i's draws, wherever it is generated
-    pairs, identical, no_eos, length = [], 0, 0, 0
-    model.eval()
-    order = sorted(range(len(sft_rows)), key=lambda i: len(sft_rows[i]["prompt"]))  # similar prompt lengths: little padding
-    generated: dict[int, tuple[list[int], bool]] = {}
-    step = args.per_device_generation_batch_size * world
-    for s in tqdm(range(0, len(order), step), desc=f"generating ({desc}, iteration {iteration})", leave=False):
-        chunk, n = rank_share(order[s : s + step], rank, world)
-        query, query_mask = left_pad([sft_rows[i]["prompt"] for i in chunk], pad_id)
-        with autocast():
-            responses = model(generate, query.to(device), query_mask.to(device), args.max_new_tokens, args.temperature,
-                              tokenizer.eos_token_id, uniforms[chunk].to(device))
-        responses, mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
-        for b, i in enumerate(chunk[:n]):
-            generated[i] = responses[b][mask[b]].tolist(), bool(has_eos[b])
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, generated)
-        generated = {i: g for part in parts for i, g in part.items()}
-    no_eos = sum(not has_eos for _, has_eos in generated.values())
-    generated = {i: ids for i, (ids, _) in generated.items()}
-    for i, row in enumerate(sft_rows):
-        rejected = row["prompt"] + generated[i]
-        identical += rejected == row["real"]
-        length += len(generated[i])
-        pairs.append({"chosen": row["real"], "chosen_start": row["real_start"], "rejected": rejected, "rejected_start": len(row["prompt"]),
-                      "index": i, "text": (*row["text"], tokenizer.decode(generated[i], skip_special_tokens=True))})
-    n = len(sft_rows)
-    stats = {"generation/identical": identical / n, "generation/no_eos": no_eos / n, "generation/length": length / n}
-    print(f"{desc}, iteration {iteration}: {n} generations, {identical} equal to the real answer, {no_eos} cut at {args.max_new_tokens} tokens "
-          f"without <eos>, {length / n:.1f} tokens on average")
-    return pairs, stats
-
-
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the response tokens of each row, and their counts.
-
-    The transformer body runs on the whole batch (N, T); the LM head and a
-    float32 log-softmax run only at the positions that predict a response
-    token, so no (N, T, V) logits tensor is ever built.
-    """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-    mask = targets != -100  # (N, T)
-    logits = model.get_output_embeddings()(hidden[mask]).float()  # (M, V), M = response tokens in the batch
-    config = model.config.get_text_config()  # what each model's forward does to its logits after the LM head:
-    if getattr(config, "logits_scaling", None):  # Granite divides them
-        logits = logits / config.logits_scaling
-    if getattr(config, "logit_scale", None):  # Cohere multiplies them
-        logits = logits * config.logit_scale
-    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
-        cap = config.final_logit_softcapping
-        logits = torch.tanh(logits / cap) * cap
-    token_logps = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
-    row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
-    sums = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, row, token_logps)  # (N,)
-    return sums, mask.sum(-1)
-
-
-def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_logps, rejected_logps), each (B,), from one forward over the 2B concatenated rows."""
-    sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
-    return sums.chunk(2)
-
-
-# --------------------------------------------------------------------------- training
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, device, autocast, desc: str,
-                         rank: int, world: int) -> torch.Tensor:
-    """Reference log-probs of every pair, shape (len(rows), 2) = (chosen, rejected), in one pass split over the ranks."""
-    out = torch.zeros(len(rows), 2, device=device)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["chosen"]) + len(rows[i]["rejected"]))  # little padding
-    for s in tqdm(range(0, len(order), batch_size * world), desc=f"reference log-probs ({desc})", leave=False):
-        share, n = rank_share([rows[i] for i in order[s : s + batch_size * world]], rank, world)
-        batch = to_device(collate(share, pad_id), device)
-        with autocast():
-            chosen, rejected = ref_model(pair_logps, batch)
-        out[batch["index"][:n]] = torch.stack([chosen, rejected], dim=1)[:n].float()
-    if world > 1:
-        dist.all_reduce(out)  # each pair was computed on one rank, and is 0 on the others
-    return out.cpu()
-
-
-def spin_metrics(prefix: str, losses, policy_real, policy_generated, real_rewards, generated_rewards) -> dict:
-    margin = real_rewards - generated_rewards
-    return {
-        f"{prefix}/loss": losses.mean().item(),
-        f"{prefix}/rewards/real": real_rewards.mean().item(),
-        f"{prefix}/rewards/generated": generated_rewards.mean().item(),
-        f"{prefix}/rewards/margin": margin.mean().item(),
-        f"{prefix}/rewards/accuracy": (margin > 0).float().mean().item(),
-        f"{prefix}/logps/real": policy_real.detach().mean().item(),
-        f"{prefix}/logps/generated": policy_generated.detach().mean().item(),
-    }
-
-
-def enable_gradient_checkpointing(model) -> None:
-    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def save_pairs(path: str, pairs: list[dict]) -> None:
-    """The pairs an iteration generated: as text (generated.jsonl, to read) and as token ids (pairs.pt, which a resumed run
-    trains on again with --previous_iteration_data)."""
-    with open(os.path.join(path, "generated.jsonl"), "w") as f:
-        for p in pairs:
-            prompt, real, gen = p["text"]
-            f.write(json.dumps({"prompt": prompt, "real": real, "generated": gen}) + "\n")
-    torch.save([{k: v for k, v in p.items() if k != "text"} | {"text": list(p["text"])} for p in pairs], os.path.join(path, "pairs.pt"))
-
-
-# --------------------------------------------------------------------------- several processes: torchrun, DDP, FSDP2
-def init_distributed() -> tuple[int, int]:
-    """(rank, world_size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python X.py` is rank 0 of 1.
-
-    Ranks other than 0 print nothing and draw no progress bars; their errors still reach stderr.
-    """
-    if "RANK" not in os.environ:
-        return 0, 1
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        atexit.register(dist.destroy_process_group)  # one group for the process, however many runs it trains
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")
-        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
-    return dist.get_rank(), dist.get_world_size()
-
-
-class Forward(torch.nn.Module):
-    """Runs fn(model, ...) as this module's forward.
-
-    DDP syncs gradients, and FSDP2 gathers sharded weights, only around a
-    module's forward (they hook __call__), while the log-prob code calls the
-    model's body and LM head separately and generation calls it token by
-    token. So every call on a model goes through this module; on one process
-    it changes nothing.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
-
-
-def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
-    """model inside Forward: sharded per decoder layer with FSDP2 (--fsdp), else under DDP if trained on several ranks."""
-    wrapped = Forward(model)
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # bf16 compute on CUDA; the sharded master weights, the optimizer and the gradient reduction stay float32
-        mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
-            fully_shard(layer, mp_policy=mixed)
-        # the rest (embeddings, final norm, heads; tied weights stay together). reshard_after_forward=True: by default the
-        # root keeps its weights gathered after a forward, for the backward; after a no-grad forward (evaluation,
-        # generation, a frozen model) no backward comes, and the optimizer and the state dict would then see the
-        # gathered copies instead of the shards
-        fully_shard(wrapped, mp_policy=mixed, reshard_after_forward=True)
-    elif world > 1 and trained:
-        device = next(model.parameters()).device
-        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    return wrapped
-
-
-def unwrap(model):
-    """The Hugging Face model inside Forward (and DDP)."""
-    return (model.module if isinstance(model, DDP) else model).model
-
-
 def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
     """This rank's contiguous part of a global batch, and how many of its items are real.
 
@@ -628,6 +788,139 @@ def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
     return share + items[:1] * (size - len(share)), len(share)
 
 
+@dataclass
+class MicroBatch:
+    """This rank's part of one global micro-batch: `n` real rows, then stand-ins weighted 0."""
+
+    rows: list
+    n: int
+    global_n: int  # real rows over all ranks
+    last: bool  # the optimizer step's last micro-batch, after which the ranks' gradients are reduced
+    epoch: float  # fractional epoch
+    accumulation: int
+    world: int
+
+    def global_mean(self, losses: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the step's mean loss over every rank's rows: DDP averages the ranks' gradients, so
+        each rank's sum is scaled by the number of processes."""
+        return losses[: self.n].sum() * self.world / (self.global_n * self.accumulation)
+
+    def real_tokens(self, attention_mask: torch.Tensor) -> int:
+        """Non-padding tokens of the real rows, in a batch that stacks k sequences per row as k blocks of rows."""
+        return int(attention_mask.unflatten(0, (-1, len(self.rows)))[:, : self.n].sum())
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, runtime: Runtime) -> torch.Tensor:
+    """Reference log-probs of every pair, (len(rows), 2) = (chosen, rejected), in one pass split over the ranks."""
+    out = torch.zeros(len(rows), 2, device=runtime.device)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["chosen"]) + len(rows[i]["rejected"]))  # little padding
+    step = batch_size * runtime.world
+    for s in tqdm(range(0, len(order), step), desc="reference log-probs", leave=False):
+        share, n = rank_share([rows[i] for i in order[s : s + step]], runtime.rank, runtime.world)
+        batch = to_device(collate(share, pad_id), runtime.device)
+        with runtime.autocast():
+            chosen, rejected = ref_model(pair_logps, batch)
+        out[batch["index"][:n]] = torch.stack([chosen, rejected], dim=1)[:n].float()
+    if runtime.world > 1:
+        dist.all_reduce(out)  # each pair was computed on one rank, and is 0 on the others
+    return out.cpu()
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Chosen then rejected sequences (then targets, where rows have them) in one right-padded batch of 2B (3B) rows.
+
+    `targets` holds the next token at each position and -100 where it is not
+    a response token, so log-probs are gathered at response positions only.
+    """
+    parts = ("chosen", "rejected", "target") if "target" in rows[0] else ("chosen", "rejected")
+    sequences = [r[part] for part in parts for r in rows]
+    starts = [r[f"{part}_start"] for part in parts for r in rows]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    targets = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for b, (sequence, start) in enumerate(zip(sequences, starts)):
+        input_ids[b, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[b, : len(sequence)] = 1
+        targets[b, start - 1 : len(sequence) - 1] = torch.tensor(sequence[start:])  # position t predicts token t+1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
+            "index": torch.tensor([r["index"] for r in rows])}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_logps, rejected_logps), each (B,), from one forward over the 2B concatenated rows."""
+    sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    return sums.chunk(2)
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the response tokens of each row, and their counts.
+
+    The transformer body runs on the whole batch (N, T); the LM head and a
+    float32 log-softmax run only at the positions that predict a response
+    token, so no (N, T, V) logits tensor is ever built.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+    mask = targets != -100  # (N, T)
+    logits = lm_logits(model, hidden[mask])  # (M, V), M = response tokens in the batch
+    token_logps = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
+    sums = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, row, token_logps)  # (N,)
+    return sums, mask.sum(-1)
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token logits from final hidden states, (..., H) -> (..., V), as the model's own forward makes them.
+
+    Every log-prob in these scripts goes through here, so each model family's treatment of its logits is applied once.
+    """
+    logits = model.get_output_embeddings()(hidden).float()
+    config = model.config.get_text_config()
+    if getattr(config, "logits_scaling", None):  # Granite divides them
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):  # Cohere multiplies them
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def ref_pair_logps(ref_model, precomputed: Optional[dict], batch: dict, split: str,
+                   runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref_chosen_logps, ref_rejected_logps), each (B,): looked up where precomputed, else one no-grad pass."""
+    if precomputed is not None:
+        logps = precomputed[split][batch["index"].cpu()].to(runtime.device)
+        return logps[:, 0], logps[:, 1]
+    with torch.no_grad(), runtime.autocast():
+        chosen, rejected = ref_model(pair_logps, batch)
+    return chosen.float(), rejected.float()
+
+
+class MetricSums:
+    """Per-row means of batch metrics over micro-batches and ranks (each batch's means weighted by its real rows),
+    and the non-padding tokens per second since it was made."""
+
+    def __init__(self):
+        self.sums, self.start = Counter(), time.perf_counter()
+
+    def add(self, metrics: dict, n: int, tokens: int = 0) -> None:
+        self.sums.update({k: v * n for k, v in metrics.items()})
+        self.sums.update({"count": n, "tokens": tokens})
+
+    def means(self, device) -> tuple[dict, float]:
+        """(the metrics' means, tokens per second), over every rank."""
+        sums = all_sum(self.sums, device)
+        means = {k: v / sums["count"] for k, v in sums.items() if k not in ("count", "tokens")}
+        return means, sums["tokens"] / seconds_since(self.start, device)
+
+
 def all_sum(values: dict, device) -> dict:
     """Each value summed over the ranks, in one all-reduce (unchanged on one process)."""
     if not dist.is_initialized():
@@ -636,6 +929,34 @@ def all_sum(values: dict, device) -> dict:
     total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return dict(zip(keys, total.tolist()))
+
+
+def eval_batches(rows: list, per_device_batch_size: int, runtime: Runtime):
+    """(this rank's part, its number of real rows) of each evaluation batch, in order."""
+    size = per_device_batch_size * runtime.world
+    for s in range(0, len(rows), size):
+        yield rank_share(rows[s : s + size], runtime.rank, runtime.world)
+
+
+def linear_schedule(optimizer, warmup_ratio: float, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over warmup_ratio of the steps, then linear decay to 0."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def lr_factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def init_tracking(args, runtime: Runtime):
+    """A wandb run on rank 0 with --track, else None (wandb is imported here, so importing this file stays silent)."""
+    if not (args.track and runtime.rank == 0):
+        return None
+    import wandb
+
+    return wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
 
 
 def sync_gradients(model, sync: bool):
@@ -647,32 +968,44 @@ def sync_gradients(model, sync: bool):
     return contextlib.nullcontext()
 
 
+def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Optional[str]) -> None:
+    """Stop the run at a NaN or infinite loss or gradient norm, naming the last checkpoint to resume from."""
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(f"{what} is {value.mean().item()} at step {step}; stopping. "
+                                 f"Last good checkpoint: {last_checkpoint or 'none saved'}")
+
+
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_, returning the norm before clipping as a plain tensor (FSDP2 returns a DTensor)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def full_state_dict(model) -> Optional[dict]:
-    """Under FSDP2, the inner model's whole state dict gathered on CPU (every rank must call this); else None."""
-    if not hasattr(model, "reshard"):  # not an FSDP2 module: the model holds its full weights
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    inner = unwrap(model)
-    tied = dict(inner.named_parameters(remove_duplicate=False)).keys() - dict(inner.named_parameters()).keys()
-    return {k.removeprefix("model."): v for k, v in weights.items() if k.removeprefix("model.") not in tied}  # as save_pretrained writes them
+def seconds_since(start: float, device: torch.device) -> float:
+    """Wall time since `start` (time.perf_counter), once the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def save_model(path: str, model) -> None:
-    """The inner model as a Hugging Face directory; FSDP2 shards are gathered first. Every rank calls it, rank 0 writes."""
-    weights = full_state_dict(model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        unwrap(model).save_pretrained(path, state_dict=weights)
+def save_iteration(path: str, model, tokenizer, args, pairs: list[dict], next_iteration: int) -> None:
+    """An iteration directory: the model, the pairs generated for it (as text in generated.jsonl, to read, and as token
+    ids in pairs.pt, which a resumed run trains on again with --previous_iteration_data), and the iteration to run
+    next. Every rank calls it; rank 0 writes."""
+    save(path, model, tokenizer, args)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    with open(os.path.join(path, "generated.jsonl"), "w") as f:
+        for p in pairs:
+            prompt, real, generated = p["text"]
+            f.write(json.dumps({"prompt": prompt, "real": real, "generated": generated}) + "\n")
+    torch.save([{k: v for k, v in p.items() if k != "text"} | {"text": list(p["text"])} for p in pairs],
+               os.path.join(path, "pairs.pt"))
+    with open(os.path.join(path, "spin_state.json"), "w") as f:
+        json.dump({"next_iteration": next_iteration}, f)
 
 
-def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) -> None:
+def save(path: str, model, tokenizer, args, state: Optional[dict] = None) -> None:
     """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs.
 
     Every rank calls it (FSDP2 gathers the shards); rank 0 writes.
@@ -688,176 +1021,29 @@ def save(path: str, model, tokenizer, args: Args, state: Optional[dict] = None) 
         dist.barrier()  # nobody reads a checkpoint before it is written
 
 
-def train(args: Args) -> dict:
-    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: pc[-0:] == pc
-        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length ({args.max_length}) to leave room for a response")
-    rank, world = init_distributed()
-    if args.fsdp and not dist.is_initialized():
-        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
-    seed_everything(args.seed)  # the same on every rank while the model loads
-    device = pick_device(args.device)
-    use_bf16 = args.bf16 and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+def save_model(path: str, model) -> None:
+    """The inner model as a Hugging Face directory; FSDP2 shards are gathered first. Every rank calls, rank 0 writes."""
+    weights = full_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        unwrap(model).save_pretrained(path, state_dict=weights)
 
-    # ---- the policy: pi_0, or the iteration to resume from. The opponent is the policy itself, before each iteration trains it
-    policy_path = resolve_path(args.resume_from or args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {policy_path!r} has no eos token; responses need one")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # padding is masked
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    policy = wrap(model, world, args.fsdp, use_bf16, trained=True)
-    if world > 1:
-        seed_everything(args.seed + 100_003 * rank)  # each rank its own stream (dropout)
-    first, previous = 0, None
-    if args.resume_from:
-        state_file = os.path.join(policy_path, "spin_state.json")
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"--resume_from needs an iteration directory written by spin.py (output_dir/iteration-k); "
-                                    f"{policy_path!r} has no spin_state.json")
-        with open(state_file) as f:
-            first = json.load(f)["next_iteration"]
-        previous = torch.load(os.path.join(policy_path, "pairs.pt"), weights_only=False)
-        print(f"resumed from {args.resume_from}: iteration {first} next")
 
-    # ---- data
-    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout, args.seed)
-    check_sft_columns(train_data, args.dataset_name)
-    train_sft = tokenize_sft(train_data, tokenizer, args.max_length, args.max_prompt_length, "train")
-    eval_sft = []
-    if eval_data is not None:
-        check_sft_columns(eval_data, args.dataset_name)
-        eval_sft = tokenize_sft(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
+def full_state_dict(model) -> Optional[dict]:
+    """Under FSDP2, the inner model's whole state dict gathered on CPU (every rank must call this); else None."""
+    if not hasattr(model, "reshard"):  # not an FSDP2 module: the model holds its full weights
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    run = None
-    if args.track and rank == 0:
-        import wandb  # imported here so that importing this file stays silent and fast
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = unwrap(model)
+    tied = dict(inner.named_parameters(remove_duplicate=False)).keys() - dict(inner.named_parameters()).keys()
+    # as save_pretrained writes them
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.removeprefix("model.") not in tied}
 
-        run = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
 
-    metrics: dict = {}
-    done_steps = 0
-    for t in range(first, args.num_iterations):
-        # 1-2. the opponent pi_t is the current model: generate with it, and pair each real answer with its generation
-        pairs, gen_stats = self_play_pairs(policy, train_sft, tokenizer, pad_id, args, t, "train", device, autocast, rank, world)
-        eval_pairs = self_play_pairs(policy, eval_sft, tokenizer, pad_id, args, t, "eval", device, autocast, rank, world)[0] if eval_sft else []
-        for p in pairs[: args.num_sample_generations]:
-            print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
-        # 3. the pairs to train on (with the previous iteration's, if asked), and the opponent's log-probs of them, once
-        train_rows = pairs + ([p | {"index": len(pairs) + i} for i, p in enumerate(previous)] if args.previous_iteration_data and previous else [])
-        print(f"iteration {t}: training on {len(train_rows)} pairs ({len(train_rows) - len(pairs)} from iteration {t - 1})")
-        opponent = {name: precompute_ref_logps(policy, rows, args.per_device_eval_batch_size, pad_id, device, autocast, name, rank, world)
-                    for name, rows in (("train", train_rows), ("eval", eval_pairs))}
-        batch_size = args.per_device_train_batch_size * world  # one micro-batch over all ranks
-        batches_per_epoch = math.ceil(len(train_rows) / batch_size)
-        if batches_per_epoch < args.gradient_accumulation_steps:
-            raise ValueError(f"{len(train_rows)} training pairs make {batches_per_epoch} micro-batches of {batch_size}, "
-                             f"fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}")
-        steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
-        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
-
-        def batch_losses(batch: dict, split: str, n: int) -> tuple[torch.Tensor, dict]:
-            """SPIN losses of one batch, and the step metrics of its n real rows (of its stand-in if n = 0)."""
-            with autocast():
-                real, generated = policy(pair_logps, batch)
-            ref = opponent[split][batch["index"].cpu()].to(device)
-            losses, rr, gr = spin_loss(real, generated, ref[:, 0], ref[:, 1], args.beta)
-            part = slice(max(n, 1))
-            return losses, spin_metrics(split, *(x[part] for x in (losses, real, generated, rr, gr)))
-
-        @torch.no_grad()
-        def evaluate() -> dict:
-            policy.eval()
-            totals = Counter()
-            eval_batch = args.per_device_eval_batch_size * world
-            for s in range(0, len(eval_pairs), eval_batch):
-                rows, n = rank_share(eval_pairs[s : s + eval_batch], rank, world)
-                losses, m = batch_losses(to_device(collate(rows, pad_id), device), "eval", n)
-                totals.update({k: v * n for k, v in m.items()})
-                totals["count"] += n
-            policy.train()
-            totals = all_sum(totals, device)
-            return {k: v / totals["count"] for k, v in totals.items() if k != "count"}
-
-        # 4. train pi_{t+1} from pi_t: a fresh optimizer and schedule each iteration
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-        warmup = int(args.warmup_ratio * total_steps)
-
-        def lr_factor(s: int) -> float:
-            if s < warmup:
-                return (s + 1) / (warmup + 1)
-            return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        orders: dict[int, list[list[int]]] = {}
-
-        def micro_batches(step: int):
-            """This rank's part of each micro-batch of optimizer step `step`, wherever the epoch boundaries fall."""
-            per_epoch = steps_per_epoch * args.gradient_accumulation_steps
-            for m in range(args.gradient_accumulation_steps):
-                epoch, i = divmod(step * args.gradient_accumulation_steps + m, per_epoch)
-                if epoch not in orders:  # the order is a function of (seed, iteration, epoch) and the global batch, the same on every rank
-                    orders[epoch] = batch_order(train_rows, batch_size, args.seed, 10_000 * t + epoch, args.group_by_length)
-                rows = [train_rows[j] for j in orders[epoch][i]]
-                yield m, epoch + i / per_epoch, len(rows), *rank_share(rows, rank, world)
-
-        policy.train()
-        progress = tqdm(range(total_steps), desc=f"spin, iteration {t}")
-        for step in progress:
-            t0, sums = time.perf_counter(), Counter()
-            for m, epoch, global_n, rows, n in micro_batches(step):
-                batch = to_device(collate(rows, pad_id), device)
-                with sync_gradients(policy, m == args.gradient_accumulation_steps - 1):
-                    losses, batch_metrics = batch_losses(batch, "train", n)
-                    if not torch.isfinite(losses).all():
-                        raise FloatingPointError(f"loss is {losses.mean().item()} at step {step} of iteration {t}; stopping. Last good iteration: "
-                                                 f"{os.path.join(args.output_dir, f'iteration-{t}') if t > first else args.resume_from or 'none saved'}")
-                    # the mean over the global micro-batch: DDP averages the ranks' gradients, so each rank's sum is scaled by world
-                    (losses[:n].sum() * world / (global_n * args.gradient_accumulation_steps)).backward()
-                sums.update({k: v * n for k, v in batch_metrics.items()})
-                sums.update({"count": n, "tokens": int(batch["attention_mask"].unflatten(0, (-1, len(rows)))[:, :n].sum())})
-            grad_norm = clip_gradients(policy, args.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step} of iteration {t}; stopping")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            sums = all_sum(sums, device)
-            metrics = {k: v / sums["count"] for k, v in sums.items() if k not in ("count", "tokens")}
-            metrics.update({"train/iteration": t, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
-                            "perf/tokens_per_sec": sums["tokens"] / (time.perf_counter() - t0)})
-            done = step + 1
-            done_steps += 1
-            if done == total_steps:
-                metrics.update(gen_stats)
-                if eval_pairs:
-                    metrics.update(evaluate())
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
-            if done % args.logging_steps == 0 or done == total_steps:
-                tqdm.write(f"iteration {t}, step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            if run is not None:
-                run.log(metrics, step=done_steps)
-        if run is not None:
-            import wandb
-
-            run.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"],
-                                                       data=[list(p["text"]) for p in pairs[: args.num_sample_generations]])}, step=done_steps)
-        # 5. save pi_{t+1} and the pairs generated at t
-        path = os.path.join(args.output_dir, f"iteration-{t + 1}")
-        save(path, policy, tokenizer, args)
-        if rank == 0:
-            save_pairs(path, pairs)
-            with open(os.path.join(path, "spin_state.json"), "w") as f:
-                json.dump({"next_iteration": t + 1}, f)
-        previous = pairs
-    save(args.output_dir, policy, tokenizer, args)
-    if run is not None:
-        run.finish()
-    return metrics
+def unwrap(model):
+    """The Hugging Face model inside Forward (and DDP)."""
+    return (model.module if isinstance(model, DDP) else model).model
 
 
 if __name__ == "__main__":

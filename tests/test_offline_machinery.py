@@ -286,7 +286,7 @@ def test_rrhf_reward_model_scores_each_response_as_its_forward_does(tiny_reward_
             {"prompt": "", "completions": ["great food", "awful"]},
             {"prompt": "was the trip good ?", "completions": ["good trip", "bad"]}]
     got = rrhf.reward_model_scores(Dataset.from_list(rows), rrhf.Forward(model), toy_tokenizer, 512, 256, "train", "ranked",
-                                   "completions", 2, rank=0, world=1)
+                                   "completions", 2, rrhf.Runtime(0, 1, torch.device("cpu"), bf16=False))
     assert got[1] is None
     with torch.no_grad():
         for row, scores in zip((rows[0], rows[2]), (got[0], got[2])):

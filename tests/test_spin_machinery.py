@@ -87,8 +87,8 @@ def test_generations_are_the_opponents_samples_and_reproducible(toy_model_dir, t
     model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
     sft = spin.tokenize_sft(spin.load_splits(str(sft_dir), None, "train", "test", 0, 1)[0], toy_tokenizer, 512, 256, "train")
     args = spin.Args(device="cpu")
-    make = lambda t: spin.self_play_pairs(spin.Forward(model), sft, toy_tokenizer, 0, args, t, "train", torch.device("cpu"),  # noqa: E731
-                                          contextlib.nullcontext, rank=0, world=1)
+    runtime = spin.Runtime(0, 1, torch.device("cpu"), bf16=False)
+    make = lambda t: spin.self_play_pairs(spin.Forward(model), sft, toy_tokenizer, 0, args, t, "train", runtime)  # noqa: E731
     (pairs, stats), (again, _), (other, _) = make(0), make(0), make(1)
     assert [p["rejected"] for p in pairs] == [p["rejected"] for p in again] != [p["rejected"] for p in other]
     eos = toy_tokenizer.eos_token_id
