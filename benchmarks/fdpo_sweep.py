@@ -38,7 +38,7 @@ class Config:
     num_train_epochs: int = 2
     threads: int = 2
     out_json: Path = REPO / "benchmarks" / "fdpo_sweep.json"
-    out_png: Path = REPO / "fdpo_tradeoff.png"
+    out_png: Path = REPO / "docs" / "fdpo_tradeoff.png"
     plot_only: bool = False
     analytic_betas: tuple[float, ...] = (1.0, 0.1)
     """further betas whose analytic curves are drawn (no training) in rows below the trained one"""
