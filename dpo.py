@@ -31,8 +31,7 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     train/rewards/accuracy      fraction of pairs with margin > 0
     train/logps/chosen          log pi(y_w|x) under the policy, summed over its tokens
     train/logps/rejected        the same for y_l
-    train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
-    train/epoch                 fractional epoch
+    train/lr, grad_norm, epoch  the learning rate, the gradient norm before clipping, the fractional epoch
     perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
     eval/...                    the same quantities on the held-out split, every --eval_steps and at the end
 """
@@ -228,11 +227,11 @@ def train(args: Args) -> dict:
             batch = to_device(collate(micro.rows, pad_id), runtime.device)
             with sync_gradients(policy, micro.last):
                 losses, batch_metrics = batch_losses(batch, "train", micro.n)
-                check_finite(losses, "loss", step, last_checkpoint)
+                check_finite(losses, "loss", f"step {step}", last_checkpoint)
                 micro.global_mean(losses).backward()
             sums.add(batch_metrics, micro.n, micro.real_tokens(batch["attention_mask"]))
         grad_norm = clip_gradients(policy, args.max_grad_norm)
-        check_finite(grad_norm, "gradient norm", step, last_checkpoint)
+        check_finite(grad_norm, "gradient norm", f"step {step}", last_checkpoint)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -603,11 +602,12 @@ class TrainBatches:
 
     The order of an epoch is a pure function of (seed, epoch) and the global batch (the per-process batch times the
     processes), the same on every rank: a resumed run replays it, and N processes train on the batches of the
-    one-process run with the same global batch. `order` makes one epoch's batches (batch_order by default).
+    one-process run with the same global batch. epoch_offset gives a run of several trainings (SPIN's iterations)
+    an order of its own for each.
     """
 
-    def __init__(self, rows: list[dict], args, runtime: Runtime, order=None, epoch_offset: int = 0):
-        self.rows, self.runtime, self.order = rows, runtime, order or batch_order
+    def __init__(self, rows: list[dict], args, runtime: Runtime, epoch_offset: int = 0):
+        self.rows, self.runtime = rows, runtime
         self.seed, self.group_by_length, self.epoch_offset = args.seed, args.group_by_length, epoch_offset
         self.accumulation = args.gradient_accumulation_steps
         self.batch_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
@@ -625,8 +625,8 @@ class TrainBatches:
         for m in range(self.accumulation):
             epoch, i = divmod(step * self.accumulation + m, per_epoch)
             if epoch not in self.orders:
-                self.orders[epoch] = self.order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
-                                                self.group_by_length)
+                self.orders[epoch] = batch_order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
+                                                 self.group_by_length)
             rows = [self.rows[j] for j in self.orders[epoch][i]]
             share, n = rank_share(rows, self.runtime.rank, self.runtime.world)
             yield MicroBatch(share, n, len(rows), m == self.accumulation - 1, epoch + i / per_epoch,
@@ -639,12 +639,17 @@ def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_
     order = torch.randperm(len(rows), generator=g).tolist()
     if group_by_length:  # sort within mega-batches of 64 batches, then shuffle the batches
         mega = 64 * batch_size
-        length = lambda i: max(len(rows[i]["chosen"]), len(rows[i]["rejected"]))  # noqa: E731
+        length = lambda i: row_length(rows[i])  # noqa: E731
         order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=length, reverse=True)]
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if group_by_length:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
+
+
+def row_length(row: dict) -> int:
+    """The length that --group_by_length sorts by: a pair's longer sequence, or the total tokens of a group."""
+    return sum(len(s) for s in row["seqs"]) if "seqs" in row else max(len(row["chosen"]), len(row["rejected"]))
 
 
 def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
@@ -886,18 +891,23 @@ def init_tracking(args, runtime: Runtime):
 
 
 def sync_gradients(model, sync: bool):
-    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step."""
-    if isinstance(model, DDP):
-        return contextlib.nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
+    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step.
+
+    `model` is one wrapped model, or a ModuleList of them (PPO trains two).
+    """
+    context = contextlib.ExitStack()
+    for part in model if isinstance(model, torch.nn.ModuleList) else [model]:
+        if isinstance(part, DDP) and not sync:
+            context.enter_context(part.no_sync())
+        elif hasattr(part, "set_requires_gradient_sync"):  # FSDP2
+            part.set_requires_gradient_sync(sync)
+    return context
 
 
-def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Optional[str]) -> None:
+def check_finite(value: torch.Tensor, what: str, where: str, last_checkpoint: Optional[str]) -> None:
     """Stop the run at a NaN or infinite loss or gradient norm, naming the last checkpoint to resume from."""
     if not torch.isfinite(value).all():
-        raise FloatingPointError(f"{what} is {value.mean().item()} at step {step}; stopping. "
+        raise FloatingPointError(f"{what} is {value.mean().item()} at {where}; stopping. "
                                  f"Last good checkpoint: {last_checkpoint or 'none saved'}")
 
 
@@ -914,10 +924,10 @@ def seconds_since(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker) -> None:
+def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step") -> None:
     """Print every logging_steps steps and at the last; every step goes to wandb with --track."""
     if step % logging_steps == 0 or step == total_steps:
-        tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        tqdm.write(f"{label} {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if tracker is not None:
         tracker.log(metrics, step=step)
 

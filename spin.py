@@ -15,17 +15,15 @@ error shrinks by (1 - 1/beta) an iteration, so for beta < 1/2 (the paper's 0.1) 
 practice each iteration takes a finite number of gradient steps from the previous iterate.
 
 Deviations and options
-- Each iteration generates one response per train (and eval) prompt with the current model (`--temperature`, at most
-  `--max_new_tokens` tokens, <eos> included), computes the opponent's log-probs of every pair once with that same
-  model (so only one model is ever in memory), then trains with a fresh optimizer and schedule, as the official
-  recipe restarts each iteration from the previous checkpoint.
+- Each iteration generates one response per prompt with the current model, computes the opponent's log-probs of every
+  pair once with that same model (so only one model is in memory), then trains with a fresh optimizer and schedule,
+  as the official recipe restarts each iteration from the previous checkpoint.
 - Iteration t trains on the pairs generated at t and t-1 (the official recipe), both against pi_t;
   `--no-previous_iteration_data` uses only t's. The toy world's default beta is 1; the paper's is 0.1.
 - A generation cut at --max_new_tokens without <eos> is kept (its log-prob is the prefix's), and so is one equal to
   the real answer (h = 0, no gradient, as in the population loss); both are counted each iteration.
-- Data: prompt/completion columns (strings, or message lists), or a `messages` column whose last message is the
-  answer. output_dir/iteration-k holds pi_k and the pairs generated for it (generated.jsonl); `--resume_from
-  output_dir/iteration-k` continues with iteration k.
+- Data: prompt/completion columns (strings, or message lists), or `messages` ending with the answer. output_dir/
+  iteration-k holds pi_k and its pairs (generated.jsonl); `--resume_from output_dir/iteration-k` continues from it.
 
 Usage
     python spin.py                                   # the embedded toy world (SFT answers from a known p_data)
@@ -299,11 +297,11 @@ def train(args: Args) -> dict:
                 batch = to_device(collate(micro.rows, pad_id), runtime.device)
                 with sync_gradients(policy, micro.last):
                     losses, batch_metrics = batch_losses(batch, "train", micro.n)
-                    check_finite(losses, "loss", f"{step} of iteration {t}", last_checkpoint)
+                    check_finite(losses, "loss", f"step {step} of iteration {t}", last_checkpoint)
                     micro.global_mean(losses).backward()
                 sums.add(batch_metrics, micro.n, micro.real_tokens(batch["attention_mask"]))
             grad_norm = clip_gradients(policy, args.max_grad_norm)
-            check_finite(grad_norm, "gradient norm", f"{step} of iteration {t}", last_checkpoint)
+            check_finite(grad_norm, "gradient norm", f"step {step} of iteration {t}", last_checkpoint)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -732,11 +730,12 @@ class TrainBatches:
 
     The order of an epoch is a pure function of (seed, epoch) and the global batch (the per-process batch times the
     processes), the same on every rank: a resumed run replays it, and N processes train on the batches of the
-    one-process run with the same global batch. `order` makes one epoch's batches (batch_order by default).
+    one-process run with the same global batch. epoch_offset gives a run of several trainings (SPIN's iterations)
+    an order of its own for each.
     """
 
-    def __init__(self, rows: list[dict], args, runtime: Runtime, order=None, epoch_offset: int = 0):
-        self.rows, self.runtime, self.order = rows, runtime, order or batch_order
+    def __init__(self, rows: list[dict], args, runtime: Runtime, epoch_offset: int = 0):
+        self.rows, self.runtime = rows, runtime
         self.seed, self.group_by_length, self.epoch_offset = args.seed, args.group_by_length, epoch_offset
         self.accumulation = args.gradient_accumulation_steps
         self.batch_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
@@ -754,8 +753,8 @@ class TrainBatches:
         for m in range(self.accumulation):
             epoch, i = divmod(step * self.accumulation + m, per_epoch)
             if epoch not in self.orders:
-                self.orders[epoch] = self.order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
-                                                self.group_by_length)
+                self.orders[epoch] = batch_order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
+                                                 self.group_by_length)
             rows = [self.rows[j] for j in self.orders[epoch][i]]
             share, n = rank_share(rows, self.runtime.rank, self.runtime.world)
             yield MicroBatch(share, n, len(rows), m == self.accumulation - 1, epoch + i / per_epoch,
@@ -768,12 +767,17 @@ def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_
     order = torch.randperm(len(rows), generator=g).tolist()
     if group_by_length:  # sort within mega-batches of 64 batches, then shuffle the batches
         mega = 64 * batch_size
-        length = lambda i: max(len(rows[i]["chosen"]), len(rows[i]["rejected"]))  # noqa: E731
+        length = lambda i: row_length(rows[i])  # noqa: E731
         order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=length, reverse=True)]
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if group_by_length:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
+
+
+def row_length(row: dict) -> int:
+    """The length that --group_by_length sorts by: a pair's longer sequence, or the total tokens of a group."""
+    return sum(len(s) for s in row["seqs"]) if "seqs" in row else max(len(row["chosen"]), len(row["rejected"]))
 
 
 def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
@@ -960,18 +964,23 @@ def init_tracking(args, runtime: Runtime):
 
 
 def sync_gradients(model, sync: bool):
-    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step."""
-    if isinstance(model, DDP):
-        return contextlib.nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
+    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step.
+
+    `model` is one wrapped model, or a ModuleList of them (PPO trains two).
+    """
+    context = contextlib.ExitStack()
+    for part in model if isinstance(model, torch.nn.ModuleList) else [model]:
+        if isinstance(part, DDP) and not sync:
+            context.enter_context(part.no_sync())
+        elif hasattr(part, "set_requires_gradient_sync"):  # FSDP2
+            part.set_requires_gradient_sync(sync)
+    return context
 
 
-def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Optional[str]) -> None:
+def check_finite(value: torch.Tensor, what: str, where: str, last_checkpoint: Optional[str]) -> None:
     """Stop the run at a NaN or infinite loss or gradient norm, naming the last checkpoint to resume from."""
     if not torch.isfinite(value).all():
-        raise FloatingPointError(f"{what} is {value.mean().item()} at step {step}; stopping. "
+        raise FloatingPointError(f"{what} is {value.mean().item()} at {where}; stopping. "
                                  f"Last good checkpoint: {last_checkpoint or 'none saved'}")
 
 

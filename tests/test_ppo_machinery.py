@@ -219,7 +219,7 @@ def test_resume_replays_the_run_exactly(train_run, capsys):
     full = train_run()
     checkpoint = full.out / "checkpoint-2"
     resumed = train_run(fresh=True, resume_from=str(checkpoint))
-    assert f"resumed from {checkpoint} at rollout 2" in capsys.readouterr().out
+    assert f"resumed from {checkpoint} at step 2" in capsys.readouterr().out
     assert_same_weights(full.out, resumed.out)
     assert_same_weights(full.out / "value_model", resumed.out / "value_model")
     assert without_timings(full.metrics) == without_timings(resumed.metrics)

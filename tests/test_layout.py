@@ -1,0 +1,154 @@
+"""Every script reads method first (STYLE.md): its docstring, imports, Args, the method's functions, train(), then a
+banner, then the shared machinery, then __main__. These checks keep later work from undoing that layout. They read
+the files as text and run in well under a second.
+
+`python tests/test_layout.py` prints the figures the checks hold each script to."""
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# script -> (its loss function, the most lines train() may have, the most lines above the banner)
+SCRIPTS = {
+    "dpo.py": ("dpo_loss", 130, 350),
+    "ipo.py": ("ipo_loss", 130, 350),
+    "slic_hf.py": ("slic_loss", 130, 350),
+    "rrhf.py": ("rrhf_loss", 130, 350),
+    "fdpo.py": ("fdpo_loss", 130, 350),
+    "reward_model.py": ("reward_loss", 130, 350),
+    "spin.py": ("spin_loss", 130, 350),
+    "ppo_rlhf.py": ("ppo_policy_loss", 220, 550),
+}
+BANNER = "# Shared machinery: byte-identical in every script that has it (tests/test_copies_identical.py)."
+RULE = "# " + "=" * 118
+# calls that handle several processes: train() may make at most MAX_DISTRIBUTION_LINES lines of them
+DISTRIBUTION = re.compile(r"runtime\.(rank|world)|\b(setup|seed_per_rank|rank_share|all_sum|sync_gradients|global_mean|"
+                          r"eval_batches|gather_rollout|gather_rows|init_distributed)\b|\bdist\.|\bDDP\b|fsdp")
+MAX_DISTRIBUTION_LINES = 10
+
+
+def layout(path: Path) -> dict:
+    """The figures of one script's layout: where its parts are and how long they are."""
+    source = path.read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    banner = [i + 1 for i, line in enumerate(lines) if line == BANNER]
+    train = next(node for node in tree.body if getattr(node, "name", None) == "train")
+    train_source = "\n".join(lines[train.lineno - 1 : train.end_lineno])
+    return {
+        "lines": len(lines),
+        "banner": banner,
+        "above_banner": banner[0] - 2 if banner else len(lines),  # the rule line above the banner starts the block
+        "train_start": train.lineno,
+        "train_lines": train.end_lineno - train.lineno + 1,
+        "distribution_lines": sum(bool(DISTRIBUTION.search(line)) for line in train_source.splitlines()),
+        "docstring_lines": tree.body[0].end_lineno - tree.body[0].lineno + 1,  # its quotes' lines included
+        "tree": tree,
+        "source_lines": lines,
+    }
+
+
+def banner_block(lines: list[str]) -> str:
+    """The comment block from the rule above the banner to the rule that closes it: the conventions every script
+    shares."""
+    start = lines.index(BANNER) - 1
+    end = lines.index(RULE, start + 2)
+    return "\n".join(lines[start : end + 1])
+
+
+@pytest.fixture(scope="module", params=list(SCRIPTS))
+def script(request):
+    return request.param, layout(ROOT / request.param)
+
+
+def test_banner_present_once_and_shared(script):
+    name, figures = script
+    assert len(figures["banner"]) == 1, f"{name}: the banner line must appear exactly once"
+    lines = figures["source_lines"]
+    assert lines[figures["banner"][0] - 2] == RULE
+    assert banner_block(lines) == banner_block((ROOT / "dpo.py").read_text().splitlines()), (
+        f"{name}: the banner and the conventions under it must read as in dpo.py")
+
+
+def test_method_first_order(script):
+    """docstring -> imports -> Args -> the method -> train -> banner -> shared machinery -> __main__."""
+    name, figures = script
+    body, banner_line = figures["tree"].body, figures["banner"][0]
+    assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), f"{name}: no module docstring"
+    kinds = []
+    for node in body[1:]:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            kinds.append("import")
+        elif isinstance(node, ast.ClassDef) and node.name == "Args":
+            kinds.append("Args")
+        elif isinstance(node, ast.If):
+            kinds.append("main")
+        elif getattr(node, "name", None) == "train":
+            kinds.append("train")
+        else:
+            kinds.append("method" if node.lineno < banner_line else "shared")
+    order = [kind for i, kind in enumerate(kinds) if i == 0 or kind != kinds[i - 1]]  # runs of one kind
+    assert order == ["import", "Args", "method", "train", "shared", "main"], f"{name}: parts in the order {order}"
+    train = next(node for node in body if getattr(node, "name", None) == "train")
+    assert train.end_lineno < banner_line, f"{name}: train() must end above the banner"
+    main = body[-1]
+    assert isinstance(main, ast.If) and "__main__" in ast.unparse(main.test), f"{name}: __main__ must come last"
+
+
+def test_the_loss_is_first_called_in_train(script):
+    """The method's loss is defined above train() and called there, not by a helper on train()'s behalf."""
+    name, figures = script
+    loss = SCRIPTS[name][0]
+    callers = {node.name for node in figures["tree"].body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+               for call in ast.walk(node) if isinstance(call, ast.Call) and getattr(call.func, "id", None) == loss}
+    assert callers == {"train"}, f"{name}: {loss} is called by {sorted(callers)}"
+    definition = next(node for node in figures["tree"].body if getattr(node, "name", None) == loss)
+    assert definition.lineno < figures["train_start"]
+
+
+def test_sizes(script):
+    """The readability targets of issue 16: a short docstring, a short train(), little distribution code in it, and
+    the method within reach of the top of the file."""
+    name, figures = script
+    _, max_train, max_above = SCRIPTS[name]
+    assert figures["docstring_lines"] <= 45
+    assert figures["train_lines"] <= max_train
+    assert figures["above_banner"] <= max_above
+    assert figures["distribution_lines"] <= MAX_DISTRIBUTION_LINES
+    assert all(len(line) <= 120 for line in figures["source_lines"]), f"{name}: a line is over 120 characters"
+
+
+def test_no_script_imports_a_sibling(script):
+    """Each script runs alone when copied out of the repository: no import of another script, anywhere in it."""
+    name, figures = script
+    siblings = {Path(s).stem for s in SCRIPTS}
+    imported = {alias.name.split(".")[0] for node in ast.walk(figures["tree"]) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(figures["tree"])
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & siblings, f"{name} imports {sorted(imported & siblings)}"
+
+
+def test_distribution_count_sees_distribution_code():
+    """The counter behind the distribution target is not blind: it sees each kind of line it is meant to count."""
+    for line in ("runtime = setup(args)", "share, n = rank_share(rows, runtime.rank, runtime.world)",
+                 "with sync_gradients(policy, micro.last):", "micro.global_mean(losses).backward()",
+                 "totals = all_sum(totals, device)", "if dist.is_initialized():"):
+        assert DISTRIBUTION.search(line), line
+    for line in ("losses, rank, sft, p = rrhf_loss(logps, lengths, scores, valid, args.rank_weight)",
+                 "optimizer.step()"):
+        assert not DISTRIBUTION.search(line), line
+
+
+if __name__ == "__main__":
+    print(f"{'script':16} {'lines':>6} {'above banner':>13} {'train() at':>11} {'train() lines':>14} "
+          f"{'distribution':>13} {'docstring':>10}")
+    for name in SCRIPTS:
+        f = layout(ROOT / name)
+        print(f"{name:16} {f['lines']:6} {f['above_banner']:13} {f['train_start']:11} {f['train_lines']:14} "
+              f"{f['distribution_lines']:13} {f['docstring_lines']:10}")
+    sys.exit(0)
