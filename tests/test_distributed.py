@@ -112,6 +112,7 @@ SCRIPTS = ["dpo.py", "ppo_rlhf.py", "spin.py", "ipo.py", "fdpo.py", "slic_hf.py"
 RESUMED = ["dpo.py", "ppo_rlhf.py"]  # their FSDP2 runs save a checkpoint, and a third run resumes from it
 
 
+@pytest.mark.slow  # starts a process: `torchrun` (and `python`) launches of tests/torchrun_many.py
 def test_two_processes_match_one(inputs, tmp_path):
     """DDP (the default) and FSDP2 (--fsdp) on 2 processes, each against 1 process with the same global batch, every
     script; under FSDP2, dpo.py and ppo_rlhf.py also resume from a checkpoint (the optimizer state gathered, then

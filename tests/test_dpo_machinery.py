@@ -359,17 +359,20 @@ def test_accumulation_longer_than_an_epoch_fails_clearly(train_run):
 
 
 # --------------------------------------------------------------------------- 6. the command line
+@pytest.mark.slow  # starts a process: `python dpo.py --help`
 def test_help_lists_the_method_flags():
     result = python("dpo.py", "--help")
     assert result.returncode == 0, result.stderr
     assert "--beta" in result.stdout and "--label_smoothing" in result.stdout
 
 
+@pytest.mark.slow  # starts a process: `python -c 'import dpo'`
 def test_import_is_silent():
     result = python("-c", "import dpo")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+@pytest.mark.slow  # starts a process: wandb.init launches the wandb-core service
 def test_track_logs_every_step_to_wandb_offline(train_run, tmp_path, monkeypatch):
     """--track with WANDB_MODE=offline writes a local run holding the logged metrics, and needs no network."""
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -18,6 +18,8 @@ from conftest import MEASURED
 import dpo
 import toy
 
+pytestmark = pytest.mark.slow  # trains for epochs of the toy pairs and enumerates the toy world (toy.exact_logprobs); one test starts `python dpo.py`
+
 ROOT = toy.ROOT
 
 

@@ -38,6 +38,8 @@ import fdpo
 import fdpo_toy
 import toy
 
+pytestmark = pytest.mark.slow  # trains for epochs of the toy pairs and enumerates the toy world
+
 world = toy.world
 BETA, EPOCHS = 3.0, 3
 

@@ -15,6 +15,8 @@ from conftest import MEASURED
 import fdpo_toy
 import toy
 
+pytestmark = pytest.mark.slow  # enumerates the toy reference (toy.reference_logprobs, about 15 s)
+
 ALPHAS = [0.001, *np.round(np.arange(0.05, 1.0, 0.05), 2).tolist(), 0.999]
 BETAS = [0.1, 1.0]
 

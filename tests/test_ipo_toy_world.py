@@ -10,10 +10,13 @@ so the target is KL(pi(.|Y) || pi*_IPO); the mass that leaves Y is reported besi
 """
 
 import numpy as np
+import pytest
 from conftest import MEASURED
 
 import ipo
 import toy
+
+pytestmark = pytest.mark.slow  # trains for 2 epochs of the toy pairs and enumerates the toy world
 
 world = toy.world
 

@@ -101,6 +101,7 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # starts a process: `python X.py --help`
 @pytest.mark.parametrize("name, flags", [("ipo", ("--beta", "--average_log_probs")),
                                          ("slic_hf", ("--delta", "--lambda_reg", "--target_column")),
                                          ("fdpo", ("--divergence", "--alpha", "--beta", "reverse_kl", "forward_kl")),
@@ -116,6 +117,7 @@ def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
 KEPT = {"rrhf": "train: 1894 groups kept of 2048"}  # 154 groups of i.i.d. reference samples drew one score throughout: skipped, counted
 
 
+@pytest.mark.slow  # starts a process: `python X.py --max_steps 20`
 @pytest.mark.parametrize("name", MODULES)
 def test_default_command_runs(tmp_path, name):
     """The default command on the whole toy world, capped at 20 steps: every default parses, every pair (every group

@@ -281,6 +281,7 @@ def test_resume_from_a_final_model_says_what_it_needs(train_run):
         train_run(fresh=True, resume_from=str(train_run().out))
 
 
+@pytest.mark.slow  # starts a process: wandb.init launches the wandb-core service
 def test_track_logs_metrics_and_sample_table_to_wandb_offline(train_run, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -308,6 +309,7 @@ def test_help_lists_the_method_flags(monkeypatch, capsys):
         assert flag in out
 
 
+@pytest.mark.slow  # starts a process: `python -c 'import ppo_rlhf'`
 def test_import_is_silent():
     result = subprocess.run([sys.executable, "-c", "import ppo_rlhf"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

@@ -13,6 +13,7 @@ puts outside Y reported beside it (BOTTOM's true reward is 0, and E[r] counts it
 import copy
 
 import numpy as np
+import pytest
 import torch
 from conftest import MEASURED
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -20,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import ppo_rlhf as ppo
 import toy
 
+pytestmark = pytest.mark.slow  # needs the session's toy_reward_model (2 epochs of 16k pairs), trains 30 rollouts and enumerates the toy world
 
 world = toy.world
 NUM_ROLLOUTS = 30  # of the default 100: about 30 s on 2 cores; every other setting is the default

@@ -314,6 +314,7 @@ def test_metrics_are_named_and_consistent(train_run):
 
 
 # --------------------------------------------------------------------------- 4. the command line
+@pytest.mark.slow  # starts a process: `python reward_model.py --help`
 def test_help_works_and_import_is_silent():
     """`python reward_model.py --help` imports the script (as __main__) and then prints tyro's help, so anything the
     import printed would come before "usage:" or on stderr. One subprocess instead of two: each pays for importing

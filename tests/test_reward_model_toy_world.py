@@ -18,6 +18,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import toy
 
+pytestmark = pytest.mark.slow  # needs the session's toy_reward_model (2 epochs of 16k pairs) and scores the toy world's answers
+
 
 world = toy.world
 N_ANSWERS = 2048  # answers per prompt for the correlation: a seeded uniform sample of Y (41,371), shared by all prompts

@@ -9,11 +9,14 @@ as the true scores do (Kendall's tau over each group's untied pairs, mean over t
 import json
 
 import numpy as np
+import pytest
 from conftest import MEASURED
 
 import rrhf
 import toy
 from helpers import TOY
+
+pytestmark = pytest.mark.slow  # trains for epochs of the toy groups (one test against the session's toy_reward_model) and enumerates the toy world
 
 world = toy.world
 RM_R, RM_TAU = 2.476, 0.838  # measured with the reward model, below

@@ -19,6 +19,8 @@ from conftest import MEASURED
 import slic_hf
 import toy
 
+pytestmark = pytest.mark.slow  # trains for hundreds of steps and enumerates the toy world
+
 world = toy.world
 
 

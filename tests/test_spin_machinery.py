@@ -163,6 +163,7 @@ def test_non_finite_loss_stops_and_names_the_last_iteration(train_run, monkeypat
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # starts a process: `python spin.py --help`
 def test_help_lists_the_method_flags_and_import_is_silent():
     result = python("spin.py", "--help")
     assert (result.returncode, result.stderr) == (0, "")
@@ -170,6 +171,7 @@ def test_help_lists_the_method_flags_and_import_is_silent():
     assert all(f in result.stdout for f in ("--beta", "--num_iterations", "--previous_iteration_data", "--max_new_tokens", "--temperature"))
 
 
+@pytest.mark.slow  # starts a process: `python spin.py --max_steps 5 --num_iterations 2`
 def test_default_command_runs(tmp_path):
     """The default command on the whole toy world, 2 iterations of 5 steps (the full default run: benchmarks/toy_defaults.py)."""
     result = python("spin.py", "--max_steps", "5", "--num_iterations", "2", "--output_dir", str(tmp_path / "out"))
@@ -178,6 +180,7 @@ def test_default_command_runs(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
+@pytest.mark.slow  # starts a process: wandb.init launches the wandb-core service
 def test_track_logs_metrics_and_sample_generations_to_wandb_offline(train_run, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -7,11 +7,14 @@ exact, over all 41,371 answers and BOTTOM.
 """
 
 import numpy as np
+import pytest
 import torch
 from conftest import MEASURED
 
 import spin
 import toy
+
+pytestmark = pytest.mark.slow  # trains SFT and SPIN iterations for hundreds of steps and enumerates the toy world
 
 world = toy.world
 
