@@ -148,6 +148,13 @@ class Args:
     run_name: Optional[str] = None
     """wandb run name"""
 
+    def __post_init__(self):  # a bad value stops the run before any work, naming the flag
+        if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
+                             f"({self.max_length}) to leave room for a response")
+        if self.divergence == "alpha" and not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}; reverse_kl and forward_kl are its two ends")
+
 
 # ---------------------------------------------------------------------------------------------------------- the method
 # exp(50) = 5e21: beta * f' stays far inside float32 (and bfloat16) range for any alpha >= 1e-10 and beta <= 1e6
@@ -201,11 +208,6 @@ def fdpo_loss(
 
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
-    if args.divergence == "alpha" and not 0.0 < args.alpha < 1.0:
-        raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}; reverse_kl and forward_kl are its two ends")
-    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
-        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length "
-                         f"({args.max_length}) to leave room for a response")
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
 
     # ---- models: the policy, and the frozen reference pi_ref (unless a resumed run saved its log-probs)

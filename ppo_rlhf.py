@@ -171,6 +171,12 @@ class Args:
     run_name: Optional[str] = None
     """wandb run name"""
 
+    def __post_init__(self):  # a bad value stops the run before any work, naming the flag
+        if self.advantage_estimator == "rloo" and self.rloo_k < 2:
+            raise ValueError(f"--advantage_estimator rloo needs rloo_k >= 2 responses per prompt, got {self.rloo_k}")
+        if self.temperature <= 0 or self.max_new_tokens < 1:
+            raise ValueError("PPO samples its responses: temperature must be > 0 and max_new_tokens >= 1")
+
 
 
 # --------------------------------------------------------------------------- the method
@@ -335,10 +341,6 @@ def reward_scores(model, query, query_mask, response, response_mask) -> torch.Te
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
     rloo = args.advantage_estimator == "rloo"
-    if rloo and args.rloo_k < 2:
-        raise ValueError(f"--advantage_estimator rloo needs rloo_k >= 2 responses per prompt, got {args.rloo_k}")
-    if args.temperature <= 0 or args.max_new_tokens < 1:
-        raise ValueError("PPO samples its responses: temperature must be > 0 and max_new_tokens >= 1")
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
 
     # ---- models: the policy, the frozen reference and reward model, and (GAE only) the value model

@@ -143,6 +143,11 @@ class Args:
     run_name: Optional[str] = None
     """wandb run name"""
 
+    def __post_init__(self):  # a bad value stops the run before any work, naming the flag
+        if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
+                             f"({self.max_length}) to leave room for a response")
+
 
 
 # ---------------------------------------------------------------------------------------------------------- the method
@@ -193,9 +198,6 @@ def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
-    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
-        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length "
-                         f"({args.max_length}) to leave room for a response")
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
 
     # ---- the model: the language model with a one-output score head (new, drawn from --seed, on a causal LM)

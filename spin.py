@@ -150,6 +150,11 @@ class Args:
     run_name: Optional[str] = None
     """wandb run name"""
 
+    def __post_init__(self):  # a bad value stops the run before any work, naming the flag
+        if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
+                             f"({self.max_length}) to leave room for a response")
+
 
 # ---------------------------------------------------------------------------------------------------------- the method
 def spin_loss(
@@ -231,9 +236,6 @@ def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: A
 
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
-    if not 0 < args.max_prompt_length < args.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
-        raise ValueError(f"max_prompt_length ({args.max_prompt_length}) must be positive and below max_length "
-                         f"({args.max_length}) to leave room for a response")
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
 
     # ---- the policy: pi_0, or the iteration to resume from. Each iteration's opponent is the policy as it starts
