@@ -60,7 +60,7 @@ class Config:
     beta: float = 0.1
     learning_rate: float = 1e-6
     trl_sampling: Literal["random", "group_by_length"] = "group_by_length"  # see run_trl
-    trl_python: str = "/tmp/trl_venv/bin/python"  # a scratch venv with trl, as in the README
+    trl_python: str = "/tmp/trl_venv/bin/python"  # a scratch venv with trl, as in docs/benchmarks.md
     ours_python: str = sys.executable
     out_json: Path | None = None  # default: <work_dir>/results.json
     child: str = ""  # internal: "trl"/"ours" = run that implementation in this process
@@ -266,9 +266,9 @@ def main(cfg: Config) -> None:
             env = os.environ | {"OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads),
                                 "HF_DATASETS_CACHE": tmp, "TOKENIZERS_PARALLELISM": "false",
                                 "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-            cmd = [py, str(Path(__file__).resolve()), "--child", impl, "--result-file", result_file, "--work-dir", str(cfg.work_dir),
-                   "--num-pairs", str(cfg.num_pairs), "--threads", str(cfg.threads), "--seed", str(cfg.seed),
-                   "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
+            cmd = [py, str(Path(__file__).resolve()), "--child", impl, "--result-file", result_file,
+                   "--work-dir", str(cfg.work_dir), "--num-pairs", str(cfg.num_pairs), "--threads", str(cfg.threads),
+                   "--seed", str(cfg.seed), "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
                    "--beta", str(cfg.beta), "--learning-rate", str(cfg.learning_rate),
                    "--trl-sampling", cfg.trl_sampling]
             print(f"--- running {impl}: {' '.join(cmd[:2])} ...", flush=True)

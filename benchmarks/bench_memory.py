@@ -64,7 +64,8 @@ def child(cfg: Config) -> None:
                        output_dir=tempfile.mkdtemp(), device=cfg.device, **extra)
     start = time.perf_counter()
     module.train(args)
-    result = {"wall_s": time.perf_counter() - start, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"wall_s": time.perf_counter() - start,
+              "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if cfg.device == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     Path(cfg.result_file).write_text(json.dumps(result))
@@ -81,14 +82,16 @@ def main(cfg: Config) -> None:
             result_file = os.path.join(tmp, "result.json")
             env = os.environ | {"OMP_NUM_THREADS": str(cfg.threads), "HF_DATASETS_CACHE": tmp, "WANDB_MODE": "disabled",
                                 "TOKENIZERS_PARALLELISM": "false"}
-            subprocess.run([sys.executable, __file__, "--child", name, "--result_file", result_file, "--work_dir", str(cfg.work_dir),
-                            "--device", cfg.device, "--threads", str(cfg.threads)], env=env, check=True, cwd=tmp,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run([sys.executable, __file__, "--child", name, "--result_file", result_file,
+                            "--work_dir", str(cfg.work_dir), "--device", cfg.device, "--threads", str(cfg.threads)],
+                           env=env, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows.append((name, json.loads(Path(result_file).read_text())))
     cuda = cfg.device == "cuda"
-    print(f"\n| run | wall s | peak RSS MiB |{' CUDA peak MiB |' if cuda else ''}\n|---|---|---|{'---|' if cuda else ''}")
+    print(f"\n| run | wall s | peak RSS MiB |{' CUDA peak MiB |' if cuda else ''}\n"
+          f"|---|---|---|{'---|' if cuda else ''}")
     for name, r in rows:
-        print(f"| {name} | {r['wall_s']:.1f} | {r['max_rss_mib']:.0f} |" + (f" {r['cuda_peak_mib']:.0f} |" if cuda else ""))
+        print(f"| {name} | {r['wall_s']:.1f} | {r['max_rss_mib']:.0f} |"
+              + (f" {r['cuda_peak_mib']:.0f} |" if cuda else ""))
 
 
 if __name__ == "__main__":

@@ -45,15 +45,18 @@ def main() -> None:
             model_path = ppo_rlhf.resolve_path(a.model)
             AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).save_pretrained(rm_path)
             AutoTokenizer.from_pretrained(model_path).save_pretrained(rm_path)
-        args = ppo_rlhf.Args(model_name_or_path=a.model, reward_model_path=rm_path, dataset_name=a.dataset, num_rollouts=a.rollouts,
-                             rollout_batch_size=a.rollout_batch_size, max_new_tokens=a.max_new_tokens, device=a.device,
-                             eval_steps=0, logging_steps=10_000, output_dir=os.path.join(tmp, "ppo"))
+        args = ppo_rlhf.Args(model_name_or_path=a.model, reward_model_path=rm_path, dataset_name=a.dataset,
+                             num_rollouts=a.rollouts, rollout_batch_size=a.rollout_batch_size,
+                             max_new_tokens=a.max_new_tokens, device=a.device, eval_steps=0, logging_steps=10_000,
+                             output_dir=os.path.join(tmp, "ppo"))
         start = time.perf_counter()
         m = ppo_rlhf.train(args)
         wall = time.perf_counter() - start
     step = m["time/step"]
-    print(f"{a.rollouts} rollouts of {a.rollout_batch_size} prompts, max_new_tokens {a.max_new_tokens}, {a.device}: {wall:.1f} s in all")
-    print(f"last rollout: {step:.3f} s; rollout tokens/s (prompt + response, whole step) {m['perf/tokens_per_sec']:.0f}; "
+    print(f"{a.rollouts} rollouts of {a.rollout_batch_size} prompts, max_new_tokens {a.max_new_tokens}, {a.device}: "
+          f"{wall:.1f} s in all")
+    print(f"last rollout: {step:.3f} s; "
+          f"rollout tokens/s (prompt + response, whole step) {m['perf/tokens_per_sec']:.0f}; "
           f"generated tokens/s during generation {m['perf/generated_tokens_per_sec']:.0f}")
     for k in PHASES:
         print(f"  {k:15s} {m.get(f'time/{k}', 0.0):7.3f} s  {m.get(f'time/{k}', 0.0) / step:6.1%}")

@@ -47,13 +47,14 @@ class Config:
 def analytic(reference: dict, beta: float) -> dict:
     grid = [0.001, *np.round(np.arange(0.025, 1.0, 0.025), 3).tolist(), 0.999]
     curve = [fdpo_toy.entropy_and_reward(fdpo_toy.optima(reference, beta, "alpha", a)) for a in grid]
-    ends = {d: fdpo_toy.entropy_and_reward(fdpo_toy.optima(reference, beta, d)) for d in ("reverse_kl", "forward_kl", "js")}
+    ends = {d: fdpo_toy.entropy_and_reward(fdpo_toy.optima(reference, beta, d))
+            for d in ("reverse_kl", "forward_kl", "js")}
     return {"alpha": grid, "entropy": [c[0] for c in curve], "reward": [c[1] for c in curve], "ends": ends}
 
 
 def train_point(cfg: Config, divergence: str, alpha: float, **overrides) -> dict:
-    """Train fdpo.py at one divergence (cfg's beta, learning rate and epochs unless `overrides`, further fdpo.Args fields,
-    say otherwise) and measure the policy exactly over Y beside its analytic optimum."""
+    """Train fdpo.py at one divergence (cfg's beta, learning rate and epochs unless `overrides`, further fdpo.Args
+    fields, say otherwise) and measure the policy exactly over Y beside its analytic optimum."""
     import torch
 
     import fdpo
@@ -73,29 +74,33 @@ def train_point(cfg: Config, divergence: str, alpha: float, **overrides) -> dict
     kl_ref = float(np.mean([toy.world.kl(toy.on_answers(reference[p]), optimum[p]) for p in optimum]))
     entropy, reward = fdpo_toy.entropy_and_reward(on_y)
     opt_entropy, opt_reward = fdpo_toy.entropy_and_reward(optimum)
-    return {"divergence": divergence, "alpha": alpha, "entropy": entropy, "reward": reward, "optimum_entropy": opt_entropy,
-            "optimum_reward": opt_reward, "kl_y": kl, "kl_y_reference": kl_ref, "bottom": toy.bottom_mass(policy), "seconds": seconds}
+    return {"divergence": divergence, "alpha": alpha, "entropy": entropy, "reward": reward,
+            "optimum_entropy": opt_entropy, "optimum_reward": opt_reward, "kl_y": kl, "kl_y_reference": kl_ref,
+            "bottom": toy.bottom_mass(policy), "seconds": seconds}
 
 
 def plot(results: dict, path: Path) -> None:
-    """One row per beta: entropy and E[r] against alpha. The first row has the trained points; the others are analytic."""
+    """One row per beta: entropy and E[r] against alpha. The first row has the trained points; the others are
+    analytic."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(results["beta"], results["analytic"], results["trained"])] + [(float(b), a, []) for b, a in results.get("analytic_other", {}).items()]
+    rows = [(results["beta"], results["analytic"], results["trained"])] + [
+        (float(b), a, []) for b, a in results.get("analytic_other", {}).items()]
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.3 * len(rows)), squeeze=False)
     for (beta, a, trained), row in zip(rows, axes):
         for ax, k, label in ((row[0], 0, "entropy of π(·|Y) (nats)"), (row[1], 1, "E[r] over Y")):
             key = ("entropy", "reward")[k]
             ax.plot(a["alpha"], a[key], color="C0", label="analytic optimum (α-divergence)")
-            ax.scatter([0.0, 1.0], [a["ends"]["reverse_kl"][k], a["ends"]["forward_kl"][k]], marker="s", color="C0", zorder=3,
-                       label="reverse KL (α→0), forward KL (α=1)")
+            ax.scatter([0.0, 1.0], [a["ends"]["reverse_kl"][k], a["ends"]["forward_kl"][k]], marker="s", color="C0",
+                       zorder=3, label="reverse KL (α→0), forward KL (α=1)")
             ax.axhline(a["ends"]["js"][k], color="C2", ls="--", label="JS, analytic")
             pts = [p for p in trained if p["divergence"] != "js"]
             if pts:
-                xs = [p["alpha"] if p["divergence"] == "alpha" else (0.0 if p["divergence"] == "reverse_kl" else 1.0) for p in pts]
+                xs = [p["alpha"] if p["divergence"] == "alpha" else (0.0 if p["divergence"] == "reverse_kl" else 1.0)
+                      for p in pts]
                 ax.scatter(xs, [p[key] for p in pts], color="C1", zorder=3, label="trained with fdpo.py")
             for p in trained:
                 if p["divergence"] == "js":
@@ -119,7 +124,8 @@ def main(cfg: Config) -> None:
     results = {"beta": cfg.beta, "learning_rate": cfg.learning_rate, "num_train_epochs": cfg.num_train_epochs,
                "analytic": analytic(toy.reference_logprobs(), cfg.beta), "trained": [],
                "analytic_other": {str(b): analytic(toy.reference_logprobs(), b) for b in cfg.analytic_betas}}
-    for divergence, alpha in [("reverse_kl", 0.5), *(("alpha", a) for a in cfg.alphas), ("forward_kl", 0.5), ("js", 0.5)]:
+    for divergence, alpha in [("reverse_kl", 0.5), *(("alpha", a) for a in cfg.alphas), ("forward_kl", 0.5),
+                              ("js", 0.5)]:
         point = train_point(cfg, divergence, alpha)
         results["trained"].append(point)
         print(json.dumps(point), flush=True)

@@ -1,4 +1,5 @@
-"""Each offline script's default command on the toy world, timed and measured exactly: the README's default-run rows.
+"""Each offline script's default command on the toy world, timed and measured exactly: the default-run rows of
+docs/dpo_ipo_slic.md.
 
     python benchmarks/toy_defaults.py                   # dpo, ipo, slic_hf, rrhf; a few minutes
     python benchmarks/toy_defaults.py --scripts dpo     # one of them
@@ -39,7 +40,8 @@ class Config:
 
 def optimum_on_answers(script: str, reference: dict, beta: float):
     if script == "dpo":
-        return {p: world.optimum_logprobs(toy.on_answers(reference[p]), world.reward_vector(p)[:-1], beta) for p in world.PROMPTS}
+        return {p: world.optimum_logprobs(toy.on_answers(reference[p]), world.reward_vector(p)[:-1], beta)
+                for p in world.PROMPTS}
     if script == "ipo":
         return toy.ipo_optimum_on_answers(reference, beta)
     return None
@@ -60,12 +62,15 @@ def main(cfg: Config) -> None:
         beta = getattr(module.Args(), "beta", None)
         optimum = optimum_on_answers(script, reference, beta)
         kl_y = "" if optimum is None else " → ".join(
-            f"{np.mean([world.kl(toy.on_answers(d[p]), optimum[p]) for p in world.PROMPTS]):.3f}" for d in (reference, policy))
+            f"{np.mean([world.kl(toy.on_answers(d[p]), optimum[p]) for p in world.PROMPTS]):.3f}"
+            for d in (reference, policy))
         kl_ref = np.mean([world.kl(policy[p], reference[p]) for p in world.PROMPTS])
-        rows.append(f"| `python {script}.py` | {seconds:.0f} | {kl_y or 'no closed form'} | {toy.expected_reward(reference):.3f} → "
-                    f"{toy.expected_reward(policy):.3f} | {kl_ref:.3f} | {toy.bottom_mass(policy):.1%} |")
+        rows.append(f"| `python {script}.py` | {seconds:.0f} | {kl_y or 'no closed form'} | "
+                    f"{toy.expected_reward(reference):.3f} → {toy.expected_reward(policy):.3f} | {kl_ref:.3f} | "
+                    f"{toy.bottom_mass(policy):.1%} |")
         print(rows[-1], flush=True)
-    print("\n| command | wall s | KL on Y to its own optimum: reference → trained | E[r] | KL(π ‖ π_ref) | mass outside Y |\n|---|---|---|---|---|---|")
+    print("\n| command | wall s | KL on Y to its own optimum: reference → trained | E[r] | KL(π ‖ π_ref) "
+          "| mass outside Y |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -25,7 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the scripts that t
 @pytest.fixture(scope="module")
 def toy_model_dir(tmp_path_factory) -> Path:
     """A snapshot of toy_world/model, one per test module."""
-    return Path(shutil.copytree(Path(__file__).resolve().parents[1] / "toy_world" / "model", tmp_path_factory.mktemp("toy") / "model"))
+    return Path(shutil.copytree(Path(__file__).resolve().parents[1] / "toy_world" / "model",
+                                tmp_path_factory.mktemp("toy") / "model"))
 
 
 def snapshot(tmp_path_factory, name: str) -> Path:
@@ -110,13 +111,15 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_reference_enumeration(tmp_path_factory):
-    """toy.reference_logprobs() takes about 15 s; with this file the session's workers enumerate it once between them."""
+    """toy.reference_logprobs() takes about 15 s; with this file the session's workers enumerate it once between
+    them."""
     os.environ["TOY_REFERENCE_LOGPROBS"] = str(session_dir(tmp_path_factory) / "reference_logprobs.npz")
 
 
 @pytest.fixture(scope="session")
 def toy_reward_model(tmp_path_factory):
-    """`python reward_model.py` with every default, trained once per test session on snapshots of the toy model and pairs.
+    """`python reward_model.py` with every default, trained once per test session on snapshots of the toy model and
+    pairs.
 
     test_reward_model_toy_world.py measures it; test_ppo_toy_world.py and test_rrhf_toy_world.py train against it, as
     `python reward_model.py && python ppo_rlhf.py` does. Session fixtures are per process, so under pytest-xdist the
@@ -132,9 +135,11 @@ def toy_reward_model(tmp_path_factory):
         if not record.exists():
             toy = Path(__file__).resolve().parents[1] / "toy_world"
             model_dir, data_dir = (shutil.copytree(toy / name, d / name) for name in ("model", "pairs"))
-            args = reward_model.Args(model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(d / "out"), device="cpu")
+            args = reward_model.Args(model_name_or_path=str(model_dir), dataset_name=str(data_dir),
+                                     output_dir=str(d / "out"), device="cpu")
             start = time.perf_counter()
             metrics = reward_model.train(args)
             record.write_text(json.dumps({"metrics": metrics, "seconds": time.perf_counter() - start}))
     saved = json.loads(record.read_text())
-    return SimpleNamespace(path=str(d / "out"), data_dir=d / "pairs", metrics=saved["metrics"], seconds=saved["seconds"])
+    return SimpleNamespace(path=str(d / "out"), data_dir=d / "pairs", metrics=saved["metrics"],
+                           seconds=saved["seconds"])

@@ -40,13 +40,16 @@ def v_max(divergence: str, alpha: float | None) -> float:
     return {"reverse_kl": np.inf, "forward_kl": 0.0, "js": np.log(2)}.get(divergence, 1 / alpha if alpha else np.inf)
 
 
-def optimum_on_answers(ref_logp_y: np.ndarray, r: np.ndarray, beta: float, divergence: str, alpha: float | None = None) -> np.ndarray:
-    """log pi* over Y for one prompt; ref_logp_y is log pi_ref(.|Y). lambda by 100 bisection steps (to 2^-100 of the bracket)."""
+def optimum_on_answers(ref_logp_y: np.ndarray, r: np.ndarray, beta: float, divergence: str,
+                       alpha: float | None = None) -> np.ndarray:
+    """log pi* over Y for one prompt; ref_logp_y is log pi_ref(.|Y). lambda by 100 bisection steps (to 2^-100 of the
+    bracket)."""
     if divergence == "reverse_kl":
         a = ref_logp_y + r / beta
         return a - np.logaddexp.reduce(a)
     q = np.exp(ref_logp_y)
-    levels, which = np.unique(r, return_inverse=True)  # r takes a few dozen values: sum over them, not over 41,371 answers
+    # r takes a few dozen values: sum over them, not over 41,371 answers
+    levels, which = np.unique(r, return_inverse=True)
     mass = np.bincount(which, weights=q)
     total = lambda lam: float(mass @ g((levels - lam) / beta, divergence, alpha))  # noqa: E731  decreasing in lam
     lo = r.max() - beta * v_max(divergence, alpha)  # total -> inf as lam -> lo from above
@@ -61,7 +64,8 @@ def optimum_on_answers(ref_logp_y: np.ndarray, r: np.ndarray, beta: float, diver
 
 
 def optima(reference: dict, beta: float, divergence: str, alpha: float | None = None) -> dict[str, np.ndarray]:
-    return {p: optimum_on_answers(toy.on_answers(reference[p]), reward_on_answers(p), beta, divergence, alpha) for p in world.PROMPTS}
+    return {p: optimum_on_answers(toy.on_answers(reference[p]), reward_on_answers(p), beta, divergence, alpha)
+            for p in world.PROMPTS}
 
 
 def entropy_and_reward(logp_y: dict[str, np.ndarray]) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Plain helpers that several test modules share. Fixtures live in conftest.py, exact toy-world measurements in toy.py."""
+"""Plain helpers that several test modules share. Fixtures live in conftest.py, exact toy-world measurements in
+toy.py."""
 
 import itertools
 import json
@@ -73,7 +74,8 @@ def sigmoid(z: float) -> float:
 
 def python(*argv: str) -> subprocess.CompletedProcess:
     """A script run from the repository root, as a user runs it."""
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "160"})
 
 
 def cached_runner(module, tmp_path_factory, **fixed):

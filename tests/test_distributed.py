@@ -27,8 +27,8 @@ from torchrun_many import RUN_END
 
 NPROC = 2
 # per-process sizes, given here as global sizes and divided by the process count
-PER_PROCESS = ("per_device_train_batch_size", "per_device_eval_batch_size", "rollout_batch_size", "per_device_generation_batch_size",
-               "per_device_reward_batch_size", "forward_batch_size")
+PER_PROCESS = ("per_device_train_batch_size", "per_device_eval_batch_size", "rollout_batch_size",
+               "per_device_generation_batch_size", "per_device_reward_batch_size", "forward_batch_size")
 # A run on one process and on two agree to float32 rounding: measured gaps 1.1e-6 to 4.6e-5 (PPO under FSDP2) of the
 # distance trained. The SPIN FSDP2 bug this suite caught (an optimizer holding gathered copies) measured 0.16.
 GAP = 1e-4
@@ -36,8 +36,10 @@ GAP = 1e-4
 
 def launch(runs: list[tuple[str, list[str]]], nproc: int) -> list[str]:
     """Each run's printed output. One launch runs them all (tests/torchrun_many.py: start-up paid once): under torchrun
-    on nproc CPU processes, as the README launches a script on several GPUs, or as a plain `python` process if nproc = 1."""
-    runner = [str(ROOT / "tests" / "torchrun_many.py"), json.dumps([[script.removesuffix(".py"), argv] for script, argv in runs])]
+    on nproc CPU processes, as docs/distributed.md launches a script on several GPUs, or as a plain `python` process if
+    nproc = 1."""
+    runner = [str(ROOT / "tests" / "torchrun_many.py"),
+              json.dumps([[script.removesuffix(".py"), argv] for script, argv in runs])]
     if nproc > 1:
         runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *runner]
     done = subprocess.run([sys.executable, *runner], cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -75,7 +77,8 @@ def assert_same_trajectory(one: list[dict], many: list[dict], script: str) -> No
     for step, (a, b) in enumerate(zip(one, many), 1):
         assert a.keys() == b.keys(), (script, step)
         for k in a:  # two roundings to 4 significant digits are at most 1e-3 apart, relatively
-            assert math.isclose(a[k], b[k], rel_tol=2e-3, abs_tol=1e-6), f"{script}, step {step}: {k} = {a[k]} on 1 process, {b[k]} on {NPROC}"
+            assert math.isclose(a[k], b[k], rel_tol=2e-3, abs_tol=1e-6), (
+                f"{script}, step {step}: {k} = {a[k]} on 1 process, {b[k]} on {NPROC}")
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +94,8 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir) -> dict:
     offline = dict(max_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=6, eval_steps=2)
     return {
         "rm": base / "rm",
-        "dpo.py": (dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=2, per_device_eval_batch_size=6, eval_steps=2,
-                        save_steps=2),
+        "dpo.py": (dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                        per_device_eval_batch_size=6, eval_steps=2, save_steps=2),
                    ["--dataset_name", str(base / "pairs63.jsonl"), "--eval_holdout", "16"]),
         "ipo.py": (offline, ["--dataset_name", str(data_dir), "--precompute_ref_logps"]),
         "fdpo.py": (offline, ["--dataset_name", str(data_dir), "--divergence", "js"]),
@@ -100,10 +103,12 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir) -> dict:
         "reward_model.py": (offline, ["--dataset_name", str(data_dir)]),
         "rrhf.py": ({**offline, "per_device_train_batch_size": 8, "per_device_reward_batch_size": 6},
                     ["--dataset_name", str(ranked_dir), "--reward_model_path", str(base / "rm")]),
-        "ppo_rlhf.py": (dict(num_rollouts=2, rollout_batch_size=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             forward_batch_size=6, num_ppo_epochs=2, eval_steps=1, learning_rate=1e-3, save_steps=1),
+        "ppo_rlhf.py": (dict(num_rollouts=2, rollout_batch_size=8, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, forward_batch_size=6, num_ppo_epochs=2, eval_steps=1,
+                             learning_rate=1e-3, save_steps=1),
                         ["--reward_model_path", str(base / "rm"), "--num_eval_prompts", "7"]),
-        "spin.py": (dict(num_iterations=2, per_device_train_batch_size=16, per_device_eval_batch_size=6, per_device_generation_batch_size=10),
+        "spin.py": (dict(num_iterations=2, per_device_train_batch_size=16, per_device_eval_batch_size=6,
+                         per_device_generation_batch_size=10),
                     ["--dataset_name", str(sft_dir)]),
     }
 
@@ -117,8 +122,8 @@ def test_two_processes_match_one(inputs, tmp_path):
     """DDP (the default) and FSDP2 (--fsdp) on 2 processes, each against 1 process with the same global batch, every
     script; under FSDP2, dpo.py and ppo_rlhf.py also resume from a checkpoint (the optimizer state gathered, then
     sharded again). One test, so that the 1-process runs are made once."""
-    one = {s: (tmp_path / "one" / s, out) for s, out in
-           zip(SCRIPTS, launch([(s, command(s, inputs[s][0], 1, tmp_path / "one" / s, *inputs[s][1])) for s in SCRIPTS], 1))}
+    one_runs = [(s, command(s, inputs[s][0], 1, tmp_path / "one" / s, *inputs[s][1])) for s in SCRIPTS]
+    one = {s: (tmp_path / "one" / s, out) for s, out in zip(SCRIPTS, launch(one_runs, 1))}
     gaps = {}
     for mode, flag in (("ddp", []), ("fsdp", ["--fsdp"])):
         out_dir = tmp_path / mode
@@ -134,16 +139,20 @@ def test_two_processes_match_one(inputs, tmp_path):
             gaps[script, mode] = relative_gap(reference, out_dir / script, TOY / "model")
             assert gaps[script, mode] < GAP, (script, mode, gaps[script, mode])
             if script == "ppo_rlhf.py":
-                assert relative_gap(reference / "value_model", out_dir / script / "value_model", inputs["rm"]) < GAP, mode
+                assert relative_gap(reference / "value_model", out_dir / script / "value_model",
+                                    inputs["rm"]) < GAP, mode
             loader = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
-            loader.from_pretrained(out_dir / script)  # rank 0 wrote a model that loads (under FSDP2, the shards gathered)
+            # rank 0 wrote a model that loads (under FSDP2, the shards gathered)
+            loader.from_pretrained(out_dir / script)
         for script, out in zip(RESUMED, outputs[len(SCRIPTS):]):
             assert "resumed from" in out
             gaps[script, "resumed"] = relative_gap(out_dir / script, out_dir / f"resumed-{script}", TOY / "model")
             assert gaps[script, "resumed"] < GAP, script
-    MEASURED.append(f"torchrun, {NPROC} CPU processes against 1, weight gap relative to the distance trained (DDP / FSDP2): "
+    MEASURED.append(f"torchrun, {NPROC} CPU processes against 1, weight gap relative to the distance trained "
+                    "(DDP / FSDP2): "
                     + "; ".join(f"{s} {gaps[s, 'ddp']:.1e} / {gaps[s, 'fsdp']:.1e}" for s in SCRIPTS)
-                    + "; FSDP2 resumed against uninterrupted: " + ", ".join(f"{s} {gaps[s, 'resumed']:.1e}" for s in RESUMED))
+                    + "; FSDP2 resumed against uninterrupted: "
+                    + ", ".join(f"{s} {gaps[s, 'resumed']:.1e}" for s in RESUMED))
 
 
 # --------------------------------------------------------------------------- the pieces that make the runs agree
@@ -177,10 +186,11 @@ def test_a_generated_row_does_not_depend_on_its_batch(toy_model_dir):
 
 
 def test_inverse_cdf_sampling_draws_from_the_tempered_softmax():
-    """20,000 one-token draws from fixed logits at T = 0.7: every frequency within 4.5 standard errors of softmax(l / T),
-    and the -inf token never drawn."""
-    import ppo_rlhf as ppo
+    """20,000 one-token draws from fixed logits at T = 0.7: every frequency within 4.5 standard errors of
+    softmax(l / T), and the -inf token never drawn."""
     from types import SimpleNamespace
+
+    import ppo_rlhf as ppo
 
     logits = torch.tensor([1.0, -0.5, 2.0, float("-inf"), 0.3])
 
@@ -190,7 +200,8 @@ def test_inverse_cdf_sampling_draws_from_the_tempered_softmax():
 
     n = 20_000
     query = torch.ones(n, 1, dtype=torch.long)
-    draws = ppo.generate(Fixed(), query, query, 1, 0.7, -1, torch.rand(n, 1, generator=torch.Generator().manual_seed(0)))[:, 0]
+    draws = ppo.generate(Fixed(), query, query, 1, 0.7, -1,
+                         torch.rand(n, 1, generator=torch.Generator().manual_seed(0)))[:, 0]
     p = torch.softmax(logits / 0.7, dim=-1)
     freq = torch.bincount(draws, minlength=len(logits)).double() / n
     assert freq[3] == 0

@@ -32,7 +32,8 @@ BASE_ARGS = SHORT_RUN
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_model_dir, data_dir):
     """train_run(fresh=False, **overrides): dpo.train on the snapshots (helpers.cached_runner)."""
-    return cached_runner(dpo, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir))
+    return cached_runner(dpo, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir),
+                         dataset_name=str(data_dir))
 
 
 def assert_same_metrics(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) -> None:
@@ -77,7 +78,8 @@ def random_rows(vocab_size: int) -> list[dict]:
     rows = []
     for i, (p, c, r) in enumerate(LENGTHS):
         prompt = ids(p)
-        rows.append({"chosen": prompt + ids(c), "chosen_start": p, "rejected": prompt + ids(r), "rejected_start": p, "index": i})
+        rows.append({"chosen": prompt + ids(c), "chosen_start": p, "rejected": prompt + ids(r), "rejected_start": p,
+                     "index": i})
     return rows
 
 
@@ -113,7 +115,8 @@ def bpe_tokenizer(request):
     tok.add_special_tokens(["<eos>", "<s>"])
     if request.param:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return SimpleNamespace(tok=PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<s>"), adds_bos=request.param)
+    return SimpleNamespace(tok=PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<s>"),
+                           adds_bos=request.param)
 
 
 @pytest.mark.parametrize("templated", [False, True], ids=["text", "templated"])
@@ -141,8 +144,8 @@ def test_template_layout_after_the_turn_end_is_not_scored():
     vocab = {"<eos>": 0, "u": 1, "a": 2, "x": 3, "y": 4, "\n": 5}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])), eos_token="<eos>")
     tok._tokenizer.add_special_tokens(["<eos>"])
-    tok.chat_template = ("{% for m in messages %}{{ 'u' if m['role'] == 'user' else 'a' }}{{ m['content'] }}<eos>\n{% endfor %}"
-                         "{% if add_generation_prompt %}a{% endif %}")
+    tok.chat_template = ("{% for m in messages %}{{ 'u' if m['role'] == 'user' else 'a' }}{{ m['content'] }}<eos>\n"
+                         "{% endfor %}{% if add_generation_prompt %}a{% endif %}")
     row = {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}],
            "rejected": [{"role": "assistant", "content": "yy"}]}
     prompt, chosen, rejected, templated = dpo.row_texts(row, 0, tok)
@@ -178,7 +181,8 @@ def test_formats_give_identical_token_ids(format_rows, toy_tokenizer, toy_model_
         assert a == s["rejected_start"] <= b == i["rejected_start"] and i["chosen"][a:b] == i["rejected"][a:b]
     model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
     with torch.no_grad():
-        (sc, sr), (ic, ir) = (dpo.pair_logps(model, dpo.collate(rows, toy_tokenizer.pad_token_id)) for rows in (std, imp))
+        (sc, sr), (ic, ir) = (dpo.pair_logps(model, dpo.collate(rows, toy_tokenizer.pad_token_id))
+                              for rows in (std, imp))
     torch.testing.assert_close(sc - sr, ic - ir, rtol=0, atol=1e-5)
 
 
@@ -251,7 +255,8 @@ def test_skipped_rows_are_counted_and_long_rows_truncated(toy_tokenizer, capsys)
     kept = dpo.tokenize_pairs(rows, toy_tokenizer, 10, 4, "unit")
     report = capsys.readouterr().out
     assert "unit: 2 pairs kept of 5" in report
-    for reason in ("empty prompt or response: 1", "chosen equals rejected: 1", "identical once tokenized or truncated: 1"):
+    for reason in ("empty prompt or response: 1", "chosen equals rejected: 1",
+                   "identical once tokenized or truncated: 1"):
         assert reason in report
     ids = lambda text: toy_tokenizer(text)["input_ids"]  # noqa: E731
     prompt, end, eos = ids(P), ids(P)[-4:], [toy_tokenizer.eos_token_id]
@@ -290,7 +295,8 @@ def test_resume_replays_the_run_exactly(train_run, monkeypatch, capsys, config):
     full = train_run(**config)
     checkpoint = full.out / "checkpoint-3"
     calls = wrap_dpo_loss(monkeypatch)
-    monkeypatch.setattr(dpo, "precompute_ref_logps", lambda *a, **k: pytest.fail("resuming recomputed the reference log-probs"))
+    monkeypatch.setattr(dpo, "precompute_ref_logps",
+                        lambda *a, **k: pytest.fail("resuming recomputed the reference log-probs"))
     resumed = train_run(fresh=True, resume_from=str(checkpoint), **config)
     assert f"resumed from {checkpoint} at step 3" in capsys.readouterr().out
     assert len(calls) == 3 * config.get("gradient_accumulation_steps", 1)  # only steps 4-6 ran
@@ -299,7 +305,8 @@ def test_resume_replays_the_run_exactly(train_run, monkeypatch, capsys, config):
 
 
 @pytest.mark.parametrize("corrupt, bad_call, last_good", [("loss", 5, 3), ("gradient", 5, 3), ("loss", 1, None)])
-def test_non_finite_step_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, corrupt, bad_call, last_good):
+def test_non_finite_step_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, corrupt, bad_call,
+                                                             last_good):
     edit = {
         "loss": lambda losses, logps: losses * float("nan"),
         # finite loss, NaN gradient: d sqrt(u)/du = inf at u = 0, times 0
@@ -380,7 +387,8 @@ def test_track_logs_every_step_to_wandb_offline(train_run, tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb.teardown()  # wandb keeps the settings of an earlier run in this process (its directory included)
     train_run(fresh=True, track=True, max_steps=2, save_steps=0)
-    wandb.teardown()  # waits for wandb's service to write the run out: run.finish() can return first (seen once in CI, on busy cores)
+    # waits for wandb's service to write the run out: run.finish() can return first (seen once in CI, on busy cores)
+    wandb.teardown()
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # the run's binary log (protobuf keeps keys as text)
     data = record.read_bytes()
     for key in ("train/loss", "train/rewards/margin", "train/rewards/accuracy", "perf/tokens_per_sec", "beta"):

@@ -13,12 +13,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import MEASURED
 
 import dpo
 import toy
+from conftest import MEASURED
 
-pytestmark = pytest.mark.slow  # trains for epochs of the toy pairs and enumerates the toy world (toy.exact_logprobs); one test starts `python dpo.py`
+# trains for epochs of the toy pairs and enumerates the toy world (toy.exact_logprobs); one test starts `python dpo.py`
+pytestmark = pytest.mark.slow
 
 ROOT = toy.ROOT
 
@@ -36,14 +37,16 @@ def measure(name: str, policy: dict, reference: dict, beta: float) -> dict:
         "kl_full": toy.kl_to_optimum(policy, reference, beta),
         "reward_ref": toy.expected_reward(reference),
         "reward": toy.expected_reward(policy),
-        "reward_opt": toy.expected_reward({p: toy.world.optimum_logprobs(reference[p], toy.world.reward_vector(p), beta) for p in reference}),
+        "reward_opt": toy.expected_reward({p: toy.world.optimum_logprobs(reference[p], toy.world.reward_vector(p), beta)
+                                           for p in reference}),
         "bottom": toy.bottom_mass(policy),
         "kl_from_ref": float(np.mean([toy.world.kl(policy[p], reference[p]) for p in reference])),
     }
     MEASURED.append(
         f"{name} (beta={beta}): KL(pi|Y || pi*|Y) {figures['kl_y_ref']:.3f} -> {figures['kl_y']:.3f} "
-        f"({figures['kl_y'] / figures['kl_y_ref']:.1%} of the reference's); full-space KL {figures['kl_full_ref']:.3f} -> "
-        f"{figures['kl_full']:.3f}; E[r] {figures['reward_ref']:.3f} -> {figures['reward']:.3f} (optimum {figures['reward_opt']:.3f}); "
+        f"({figures['kl_y'] / figures['kl_y_ref']:.1%} of the reference's); "
+        f"full-space KL {figures['kl_full_ref']:.3f} -> {figures['kl_full']:.3f}; "
+        f"E[r] {figures['reward_ref']:.3f} -> {figures['reward']:.3f} (optimum {figures['reward_opt']:.3f}); "
         f"mass outside Y {figures['bottom']:.3f}; KL(pi || pi_ref) {figures['kl_from_ref']:.3f}")
     return figures
 
@@ -57,8 +60,8 @@ def test_dpo_reaches_the_analytic_optimum_on_the_toy_world(tmp_path, reference):
     learning rate or batch: the labels' noise, not the optimiser, set the floor.
     """
     beta = 1.0
-    dpo.train(dpo.Args(beta=beta, learning_rate=3e-4, num_train_epochs=3, eval_steps=0, logging_steps=10_000, precompute_ref_logps=True,
-                       output_dir=str(tmp_path / "dpo"), device="cpu"))
+    dpo.train(dpo.Args(beta=beta, learning_rate=3e-4, num_train_epochs=3, eval_steps=0, logging_steps=10_000,
+                       precompute_ref_logps=True, output_dir=str(tmp_path / "dpo"), device="cpu"))
     f = measure("dpo.py, 3 epochs", toy.exact_logprobs(tmp_path / "dpo"), reference, beta)
     assert f["kl_y"] <= 0.2 * f["kl_y_ref"]
     assert f["reward"] > f["reward_ref"]
@@ -73,5 +76,6 @@ def test_default_command_runs_and_moves_toward_the_optimum(tmp_path, reference):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "train: 16384 pairs kept of 16384" in run.stdout
-    f = measure("python dpo.py --max_steps 100 (defaults otherwise)", toy.exact_logprobs(out), reference, dpo.Args().beta)
+    f = measure("python dpo.py --max_steps 100 (defaults otherwise)", toy.exact_logprobs(out), reference,
+                dpo.Args().beta)
     assert f["kl_y"] < 0.7 * f["kl_y_ref"]  # measured: 51% of the reference's after 100 steps

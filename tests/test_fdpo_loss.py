@@ -1,7 +1,7 @@
 """Hand-computed checks of `fdpo.fdpo_loss` (f-DPO, Wang et al. 2024): loss = softplus(-beta (f'(u_w) - f'(u_l))),
 u = pi / pi_ref, from the log-ratios a = log u. f' by hand, with the `math` module only:
 
-    reverse KL  a + 1          forward KL  -e^{-a}          JS  log(2 e^a / (1 + e^a))          alpha  (1 - e^{-alpha a}) / alpha
+    reverse KL  a + 1      forward KL  -e^{-a}      JS  log(2 e^a / (1 + e^a))      alpha  (1 - e^{-alpha a}) / alpha
 """
 import math
 
@@ -20,8 +20,8 @@ HAND_F_PRIME = {
 }
 DIVERGENCES = [("reverse_kl", None), ("forward_kl", None), ("js", None), ("alpha", 0.3), ("alpha", 0.5), ("alpha", 0.7)]
 # (policy_chosen, policy_rejected, ref_chosen, ref_rejected): log-ratios a_w, a_l of both signs and sizes
-CASES = [(-12.5, -15.25, -13.0, -14.75), (-3.0, -2.0, -2.5, -3.5), (-40.0, -40.0, -40.0, -40.0), (-7.75, -20.5, -9.0, -18.0),
-         (-1.0, -0.5, -6.0, -0.125)]
+CASES = [(-12.5, -15.25, -13.0, -14.75), (-3.0, -2.0, -2.5, -3.5), (-40.0, -40.0, -40.0, -40.0),
+         (-7.75, -20.5, -9.0, -18.0), (-1.0, -0.5, -6.0, -0.125)]
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
@@ -60,12 +60,14 @@ def test_extreme_log_ratios_stay_finite(dtype, divergence, alpha):
     """Log-ratios of +-1e4 nats, where e^{-a} alone would be 1e4343: losses and gradients finite. Below -EXP_CAP/alpha
     the exponentials saturate: the loss is then flat in that answer (gradient 0), which is tested."""
     big = 1e4
-    values = [(0.0, -big, -big, 0.0), (-big, 0.0, 0.0, -big), (-big, -big, 0.0, 0.0), (big, big, 0.0, 0.0), (-1e4, 5.0, 0.0, 0.0)]
+    values = [(0.0, -big, -big, 0.0), (-big, 0.0, 0.0, -big), (-big, -big, 0.0, 0.0), (big, big, 0.0, 0.0),
+              (-1e4, 5.0, 0.0, 0.0)]
     inputs = [torch.tensor(col, dtype=dtype, requires_grad=True) for col in zip(*values)]
     losses, chosen_rewards, rejected_rewards = fdpo_loss(*inputs, beta=2.0, divergence=divergence, alpha=alpha or 0.5)
     losses.sum().backward()
     assert losses.dtype == dtype
-    assert torch.isfinite(losses).all() and torch.isfinite(chosen_rewards).all() and torch.isfinite(rejected_rewards).all()
+    assert (torch.isfinite(losses).all() and torch.isfinite(chosen_rewards).all()
+            and torch.isfinite(rejected_rewards).all())
     assert all(torch.isfinite(x.grad).all() for x in inputs)
     if divergence in ("forward_kl", "alpha"):  # a_w = -1e4 is past the cap: no gradient flows to that chosen answer
         assert inputs[0].grad[4].item() == 0.0 and 1e4 * (alpha or 1.0) > EXP_CAP

@@ -30,7 +30,8 @@ PI_TOL = 1e-7
 def analytic_optimum(ref_logp, reward, beta, divergence, alpha) -> torch.Tensor:
     """pi* per prompt, (X, K), from fdpo_toy.optimum_on_answers: the same code that gives the toy-world targets, so
     this test checks it too."""
-    return torch.stack([torch.from_numpy(fdpo_toy.optimum_on_answers(ref_logp[x].numpy(), reward[x].numpy(), beta, divergence, alpha)).exp()
+    return torch.stack([torch.from_numpy(fdpo_toy.optimum_on_answers(ref_logp[x].numpy(), reward[x].numpy(), beta,
+                                                                     divergence, alpha)).exp()
                         for x in range(len(ref_logp))])
 
 
@@ -55,8 +56,8 @@ def fit(beta, divergence, alpha) -> torch.Tensor:
     def closure():
         opt.zero_grad()
         logp = torch.log_softmax(ref_logp + phi, -1)
-        losses = fdpo_loss(logp[:, i].reshape(-1), logp[:, j].reshape(-1), ref_logp[:, i].reshape(-1), ref_logp[:, j].reshape(-1),
-                           beta=beta, divergence=divergence, alpha=alpha or 0.5)[0]
+        losses = fdpo_loss(logp[:, i].reshape(-1), logp[:, j].reshape(-1), ref_logp[:, i].reshape(-1),
+                           ref_logp[:, j].reshape(-1), beta=beta, divergence=divergence, alpha=alpha or 0.5)[0]
         loss = (weights * losses).sum()
         loss.backward()
         return loss

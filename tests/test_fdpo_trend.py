@@ -10,10 +10,10 @@ what theory guarantees and reports the rest (printed under "measured on the toy 
 
 import numpy as np
 import pytest
-from conftest import MEASURED
 
 import fdpo_toy
 import toy
+from conftest import MEASURED
 
 pytestmark = pytest.mark.slow  # enumerates the toy reference (toy.reference_logprobs, about 15 s)
 
@@ -27,24 +27,32 @@ def curves():
     reference = toy.reference_logprobs()
     out = {}
     for beta in BETAS:
-        points = {("reverse_kl", None): None, **{("alpha", a): None for a in ALPHAS}, ("forward_kl", None): None, ("js", None): None}
+        points = {("reverse_kl", None): None, **{("alpha", a): None for a in ALPHAS}, ("forward_kl", None): None,
+                  ("js", None): None}
         out[beta] = {key: fdpo_toy.entropy_and_reward(fdpo_toy.optima(reference, beta, *key)) for key in points}
     ref_y = {p: toy.on_answers(reference[p]) for p in reference}
     return out, fdpo_toy.entropy_and_reward(ref_y)
 
 
 def report(points: dict, ref_entropy: float, ref_reward: float) -> None:
-    """The trend itself, recorded for the README under "measured on the toy world": reported, not asserted."""
+    """The trend itself, recorded for docs/fdpo.md under "measured on the toy world": reported, not asserted."""
     for beta in BETAS:
         c = points[beta]
         ent = [c[("alpha", a)][0] for a in ALPHAS]
         er = [c[("alpha", a)][1] for a in ALPHAS]
+        entropy_trend = ("rises monotonically" if np.all(np.diff(ent) > 0) else
+                         f"is not monotone (min {min(ent):.3f} at alpha={ALPHAS[int(np.argmin(ent))]}, "
+                         f"max {max(ent):.3f} at alpha={ALPHAS[int(np.argmax(ent))]})")
+        reward_trend = ("falls monotonically" if np.all(np.diff(er) < 0) else
+                        ("rises monotonically" if np.all(np.diff(er) > 0) else
+                         f"is not monotone (max {max(er):.3f} at alpha={ALPHAS[int(np.argmax(er))]})"))
         MEASURED.append(
-            f"f-DPO optima on the toy world, beta={beta} (reference: entropy {ref_entropy:.3f}, E[r] {ref_reward:.3f}): reverse KL H={c[('reverse_kl', None)][0]:.3f} "
-            f"E[r]={c[('reverse_kl', None)][1]:.3f}; forward KL H={c[('forward_kl', None)][0]:.3f} E[r]={c[('forward_kl', None)][1]:.3f}; "
+            f"f-DPO optima on the toy world, beta={beta} "
+            f"(reference: entropy {ref_entropy:.3f}, E[r] {ref_reward:.3f}): "
+            f"reverse KL H={c[('reverse_kl', None)][0]:.3f} E[r]={c[('reverse_kl', None)][1]:.3f}; "
+            f"forward KL H={c[('forward_kl', None)][0]:.3f} E[r]={c[('forward_kl', None)][1]:.3f}; "
             f"JS H={c[('js', None)][0]:.3f} E[r]={c[('js', None)][1]:.3f}; over alpha in [0.001, 0.999]: entropy "
-            f"{'rises monotonically' if np.all(np.diff(ent) > 0) else f'is not monotone (min {min(ent):.3f} at alpha={ALPHAS[int(np.argmin(ent))]}, max {max(ent):.3f} at alpha={ALPHAS[int(np.argmax(ent))]})'}, "
-            f"E[r] {'falls monotonically' if np.all(np.diff(er) < 0) else ('rises monotonically' if np.all(np.diff(er) > 0) else f'is not monotone (max {max(er):.3f} at alpha={ALPHAS[int(np.argmax(er))]})')}")
+            f"{entropy_trend}, E[r] {reward_trend}")
 
 
 def test_what_theory_guarantees_and_the_measured_trend(curves):

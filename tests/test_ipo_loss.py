@@ -31,7 +31,8 @@ def test_hand_values_are_consistent():
 @pytest.mark.parametrize("case", CASES, ids=[f"h={c[5]}" for c in CASES])
 def test_loss_and_rewards_match_hand_values(dtype, case):
     pc, pr, rc, rr, beta, _, loss = case
-    losses, chosen_rewards, rejected_rewards = ipo_loss(*(torch.tensor([v], dtype=dtype) for v in (pc, pr, rc, rr)), beta=beta)
+    losses, chosen_rewards, rejected_rewards = ipo_loss(*(torch.tensor([v], dtype=dtype) for v in (pc, pr, rc, rr)),
+                                                        beta=beta)
     for out in (losses, chosen_rewards, rejected_rewards):
         assert out.shape == (1,) and out.dtype == dtype
     torch.testing.assert_close(losses, torch.tensor([loss], dtype=dtype), **TOL[dtype])
@@ -61,5 +62,6 @@ def test_random_batch_elementwise():
     gen = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = -60.0 * torch.rand(4, 257, generator=gen, dtype=torch.float64)
     losses, _, _ = ipo_loss(pc, pr, rc, rr, beta=0.3)
-    want = [((a - c) - (b - d) - 1 / 0.6) ** 2 for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    want = [((a - c) - (b - d) - 1 / 0.6) ** 2
+            for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
     torch.testing.assert_close(losses, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)

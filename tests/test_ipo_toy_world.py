@@ -11,10 +11,10 @@ so the target is KL(pi(.|Y) || pi*_IPO); the mass that leaves Y is reported besi
 
 import numpy as np
 import pytest
-from conftest import MEASURED
 
 import ipo
 import toy
+from conftest import MEASURED
 
 pytestmark = pytest.mark.slow  # trains for 2 epochs of the toy pairs and enumerates the toy world
 
@@ -30,8 +30,8 @@ def test_ipo_reaches_its_own_optimum_on_the_toy_world(tmp_path):
     outside Y), since no pair constrains that mass; the test bounds it.
     """
     beta, reference = 0.25, toy.reference_logprobs()
-    ipo.train(ipo.Args(beta=beta, learning_rate=3e-4, num_train_epochs=2, eval_steps=0, logging_steps=10_000, precompute_ref_logps=True,
-                       output_dir=str(tmp_path / "ipo"), device="cpu"))
+    ipo.train(ipo.Args(beta=beta, learning_rate=3e-4, num_train_epochs=2, eval_steps=0, logging_steps=10_000,
+                       precompute_ref_logps=True, output_dir=str(tmp_path / "ipo"), device="cpu"))
     policy = toy.exact_logprobs(tmp_path / "ipo")
     optimum = toy.ipo_optimum_on_answers(reference, beta)
     kl = lambda logp: float(np.mean([world.kl(toy.on_answers(logp[p]), optimum[p]) for p in world.PROMPTS]))  # noqa: E731
@@ -39,8 +39,10 @@ def test_ipo_reaches_its_own_optimum_on_the_toy_world(tmp_path):
     kl_ref, kl_trained = kl(reference), kl(policy)
     reward_ref, reward = toy.expected_reward(reference), toy.expected_reward(policy)
     bottom = toy.bottom_mass(policy)
-    MEASURED.append(f"ipo.py, 2 epochs (beta={beta}): KL(pi|Y || pi*_IPO) {kl_ref:.3f} -> {kl_trained:.3f} ({kl_trained / kl_ref:.1%} of "
-                    f"the reference's); E[r] {reward_ref:.3f} -> {reward:.3f} (IPO optimum {reward_on_y(optimum):.3f}); mass outside Y {bottom:.3f}")
+    MEASURED.append(f"ipo.py, 2 epochs (beta={beta}): KL(pi|Y || pi*_IPO) {kl_ref:.3f} -> {kl_trained:.3f} "
+                    f"({kl_trained / kl_ref:.1%} of the reference's); "
+                    f"E[r] {reward_ref:.3f} -> {reward:.3f} (IPO optimum {reward_on_y(optimum):.3f}); "
+                    f"mass outside Y {bottom:.3f}")
     assert kl_trained <= 0.2 * kl_ref
     assert reward > reward_ref
     assert bottom < 0.05  # measured 0.9%; the reference puts 0.4% there

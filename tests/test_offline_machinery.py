@@ -32,8 +32,8 @@ P = "<|user|> how was the food ? <|assistant|>"
 
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_model_dir, data_dir, ranked_dir):
-    """train_run(name, fresh=False, **overrides): that script's train() on the snapshots (helpers.cached_runner); rrhf.py
-    trains on ranked groups, 16 a batch, the others on pairs."""
+    """train_run(name, fresh=False, **overrides): that script's train() on the snapshots (helpers.cached_runner);
+    rrhf.py trains on ranked groups, 16 a batch, the others on pairs."""
     runners = {name: cached_runner(module, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir),
                                    dataset_name=str(ranked_dir if name == "rrhf" else data_dir))
                for name, module in MODULES.items()}
@@ -105,7 +105,8 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
 @pytest.mark.parametrize("name, flags", [("ipo", ("--beta", "--average_log_probs")),
                                          ("slic_hf", ("--delta", "--lambda_reg", "--target_column")),
                                          ("fdpo", ("--divergence", "--alpha", "--beta", "reverse_kl", "forward_kl")),
-                                         ("rrhf", ("--rank_weight", "--reward_model_path", "--responses_column", "--scores_column"))])
+                                         ("rrhf", ("--rank_weight", "--reward_model_path", "--responses_column",
+                                                   "--scores_column"))])
 def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
     """`python X.py --help` imports the script as __main__, so anything the import printed would precede "usage:"."""
     result = python(f"{name}.py", "--help")
@@ -114,14 +115,16 @@ def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
     assert all(flag in result.stdout for flag in flags)
 
 
-KEPT = {"rrhf": "train: 1894 groups kept of 2048"}  # 154 groups of i.i.d. reference samples drew one score throughout: skipped, counted
+# 154 groups of i.i.d. reference samples drew one score throughout: skipped, counted
+KEPT = {"rrhf": "train: 1894 groups kept of 2048"}
 
 
 @pytest.mark.slow  # starts a process: `python X.py --max_steps 20`
 @pytest.mark.parametrize("name", MODULES)
 def test_default_command_runs(tmp_path, name):
     """The default command on the whole toy world, capped at 20 steps: every default parses, every pair (every group
-    with a ranking) is kept, and the saved model loads. (What the full default run reaches: benchmarks/toy_defaults.py.)"""
+    with a ranking) is kept, and the saved model loads. (What the full default run reaches:
+    benchmarks/toy_defaults.py.)"""
     result = python(f"{name}.py", "--max_steps", "20", "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert KEPT.get(name, "train: 16384 pairs kept of 16384") in result.stdout and "step 20:" in result.stdout
@@ -132,7 +135,8 @@ def test_default_command_runs(tmp_path, name):
 def test_ipo_metrics_are_implicit_rewards(train_run):
     m = train_run("ipo").metrics
     assert m["train/rewards/margin"] == pytest.approx(m["train/rewards/chosen"] - m["train/rewards/rejected"], abs=1e-6)
-    assert {"train/loss", "train/rewards/accuracy", "train/logps/chosen", "train/logps/rejected", "train/lr"} <= m.keys()
+    assert {"train/loss", "train/rewards/accuracy", "train/logps/chosen", "train/logps/rejected",
+            "train/lr"} <= m.keys()
 
 
 def test_average_log_probs_divides_by_token_counts(train_run, monkeypatch, toy_model_dir, data_dir):
@@ -143,17 +147,20 @@ def test_average_log_probs_divides_by_token_counts(train_run, monkeypatch, toy_m
     for average in (False, True):
         calls[average] = wrap_loss(monkeypatch, "ipo")
         train_run("ipo", fresh=True, average_log_probs=average, max_steps=1, save_steps=0)
-    model, tok = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(), AutoTokenizer.from_pretrained(toy_model_dir)
+    model, tok = (AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(),
+                  AutoTokenizer.from_pretrained(toy_model_dir))
     data = ipo.load_splits(str(data_dir), None, "train", "test", 0, 1)[0]
     rows = ipo.tokenize_pairs(data, tok, 512, 256, "train")
     first = [rows[i] for i in ipo.batch_order(rows, BASE_ARGS["per_device_train_batch_size"], 1, 0, True)[0]]
     with torch.no_grad():
-        sums, counts = ipo.sequence_logps(model, **{k: v for k, v in ipo.collate(first, tok.pad_token_id).items() if k != "index"})
+        sums, counts = ipo.sequence_logps(model, **{k: v for k, v in ipo.collate(first, tok.pad_token_id).items()
+                                                    if k != "index"})
     chosen_sum, rejected_sum = sums.chunk(2)
     chosen_n, rejected_n = counts.chunk(2)
     summed, averaged = calls[False][0], calls[True][0]
     for got, want in ((summed, (chosen_sum, rejected_sum, chosen_sum, rejected_sum)),
-                      (averaged, (chosen_sum / chosen_n, rejected_sum / rejected_n, chosen_sum / chosen_n, rejected_sum / rejected_n))):
+                      (averaged, (chosen_sum / chosen_n, rejected_sum / rejected_n,
+                                  chosen_sum / chosen_n, rejected_sum / rejected_n))):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
     assert not torch.allclose(summed[0], averaged[0])  # answers longer than one token exist in the batch
@@ -163,7 +170,8 @@ def test_average_log_probs_divides_by_token_counts(train_run, monkeypatch, toy_m
 def test_slic_loads_one_model(train_run, monkeypatch):
     """No reference model: exactly one from_pretrained of a causal LM per run (the policy)."""
     loads, real = [], AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(slic_hf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(slic_hf.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     train_run("slic_hf", fresh=True, max_steps=1, save_steps=0)
     assert len(loads) == 1
 
@@ -172,7 +180,8 @@ def test_slic_metrics_are_log_probs(train_run):
     m = train_run("slic_hf").metrics
     assert not any("rewards" in k for k in m)  # reference-free: logps/..., never rewards
     for split in ("train", "eval"):
-        assert m[f"{split}/logps/margin"] == pytest.approx(m[f"{split}/logps/chosen"] - m[f"{split}/logps/rejected"], abs=1e-5)
+        assert m[f"{split}/logps/margin"] == pytest.approx(m[f"{split}/logps/chosen"] - m[f"{split}/logps/rejected"],
+                                                           abs=1e-5)
         assert m[f"{split}/logps/target"] == m[f"{split}/logps/chosen"]  # no target column: y_ref is the chosen answer
         assert 0 <= m[f"{split}/logps/margin_met"] <= m[f"{split}/logps/accuracy"] <= 1  # delta > 0
         assert m[f"{split}/loss"] == pytest.approx(m[f"{split}/hinge"] - 0.5 * m[f"{split}/logps/target"], abs=1e-4)
@@ -184,9 +193,9 @@ def target_data(tmp_path_factory, data_dir) -> Path:
     d = tmp_path_factory.mktemp("target")
     for split in ("train", "test"):
         rows = [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
-        (d / f"{split}.jsonl").write_text("".join(json.dumps({**r, "prompt": [{"role": "user", "content": "how was the food ?"}],
-                                                              "sft_target": [{"role": "assistant", "content": "great food"}]}) + "\n"
-                                                  for r in rows))
+        (d / f"{split}.jsonl").write_text("".join(
+            json.dumps({**r, "prompt": [{"role": "user", "content": "how was the food ?"}],
+                        "sft_target": [{"role": "assistant", "content": "great food"}]}) + "\n" for r in rows))
     return d
 
 
@@ -195,7 +204,8 @@ def test_slic_target_column_is_the_regulariser(train_run, monkeypatch, target_da
     calls = wrap_loss(monkeypatch, "slic_hf")
     run = train_run("slic_hf", fresh=True, dataset_name=str(target_data), max_steps=1, save_steps=0)
     assert "y_ref: column 'sft_target'" in capsys.readouterr().out
-    model, tok = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(), AutoTokenizer.from_pretrained(toy_model_dir)
+    model, tok = (AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(),
+                  AutoTokenizer.from_pretrained(toy_model_dir))
     ids = tok(P + " great food <|end|>", add_special_tokens=False)["input_ids"]
     start = len(tok(P, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
@@ -209,7 +219,8 @@ def test_slic_target_column_is_the_regulariser(train_run, monkeypatch, target_da
 @pytest.mark.parametrize("edit, match", [
     (lambda r: {k: v for k, v in r.items() if k != "prompt"} | {
         "chosen": [{"role": "user", "content": "how was the food ?"}, *r["chosen"]],
-        "rejected": [{"role": "user", "content": "how was the food ?"}, *r["rejected"]]}, "needs an explicit 'prompt' column"),
+        "rejected": [{"role": "user", "content": "how was the food ?"}, *r["rejected"]]},
+     "needs an explicit 'prompt' column"),
     (lambda r: r | {"sft_target": "great food"}, "should be in the same format as 'chosen'"),
 ], ids=["implicit-prompt", "text-target-for-chat-data"])
 def test_slic_bad_targets_raise(toy_tokenizer, target_data, edit, match):
@@ -225,7 +236,8 @@ def test_slic_rows_without_a_target_are_named(train_run, target_data, data_dir, 
     mixed.mkdir()
     (mixed / "train.jsonl").write_text((target_data / "train.jsonl").read_text())
     (mixed / "test.jsonl").write_text((data_dir / "test.jsonl").read_text())
-    with pytest.raises(ValueError, match="row 0: column 'sft_target' should be in the same format as 'chosen', got NoneType"):
+    with pytest.raises(ValueError,
+                       match="row 0: column 'sft_target' should be in the same format as 'chosen', got NoneType"):
         train_run("slic_hf", fresh=True, dataset_name=str(mixed), max_steps=1, save_steps=0)
 
 
@@ -265,7 +277,8 @@ def test_rrhf_metrics_are_the_loss_parts(train_run):
 
 def test_rrhf_loads_one_model(train_run, monkeypatch):
     loads, real = [], AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(rrhf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(rrhf.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     train_run("rrhf", fresh=True, max_steps=1, save_steps=0)
     assert len(loads) == 1
 
@@ -287,12 +300,13 @@ def test_rrhf_reward_model_scores_each_response_as_its_forward_does(tiny_reward_
     rows = [{"prompt": "how was the food ?", "completions": ["great food", "awful", "the film was very good"]},
             {"prompt": "", "completions": ["great food", "awful"]},
             {"prompt": "was the trip good ?", "completions": ["good trip", "bad"]}]
-    got = rrhf.reward_model_scores(Dataset.from_list(rows), rrhf.Forward(model), toy_tokenizer, 512, 256, "train", "ranked",
-                                   "completions", 2, rrhf.Runtime(0, 1, torch.device("cpu"), bf16=False))
+    got = rrhf.reward_model_scores(Dataset.from_list(rows), rrhf.Forward(model), toy_tokenizer, 512, 256, "train",
+                                   "ranked", "completions", 2, rrhf.Runtime(0, 1, torch.device("cpu"), bf16=False))
     assert got[1] is None
     with torch.no_grad():
         for row, scores in zip((rows[0], rows[2]), (got[0], got[2])):
-            want = [model(**toy_tokenizer(row["prompt"] + y + "<|end|>", return_tensors="pt")).logits[0, 0].item() for y in row["completions"]]
+            want = [model(**toy_tokenizer(row["prompt"] + y + "<|end|>", return_tensors="pt")).logits[0, 0].item()
+                    for y in row["completions"]]
             assert scores == pytest.approx(want, abs=1e-4)
 
 

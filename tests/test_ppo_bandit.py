@@ -18,9 +18,17 @@ With k3 in the reward the fixed point is different, and worse (see the test at t
 
 import pytest
 import torch
-from conftest import MEASURED
 
-from ppo_rlhf import gae_advantages, kl_per_token, ppo_policy_loss, ppo_value_loss, rloo_advantages, token_rewards, whiten
+from conftest import MEASURED
+from ppo_rlhf import (
+    gae_advantages,
+    kl_per_token,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+    token_rewards,
+    whiten,
+)
 
 BETA, ITERS, SAMPLES, EPOCHS, MINIBATCHES, LR, RLOO_K = 0.5, 150, 512, 2, 2, 0.05, 4
 SHAPES = {1: 6, 2: 4}  # L -> K: a 6-armed bandit, and 16 two-token sequences

@@ -11,7 +11,16 @@ import math
 import pytest
 import torch
 
-from ppo_rlhf import gae_advantages, kl_per_token, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, token_rewards, whiten
+from ppo_rlhf import (
+    gae_advantages,
+    kl_per_token,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+    token_rewards,
+    whiten,
+)
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -130,9 +139,11 @@ CASES = [(1.1, 2.0), (1.1, -2.0), (1.5, 2.0), (1.5, -2.0), (0.5, 2.0), (0.5, -2.
 
 @pytest.mark.parametrize("cliprange", [0.2, 0.3])
 def test_clipped_policy_loss_values_and_gradients(cliprange):
-    """loss = max(-A rho, -A clip(rho, 1-eps, 1+eps)); its gradient in log pi is -A rho where unclipped, 0 where clipped."""
+    """loss = max(-A rho, -A clip(rho, 1-eps, 1+eps)); its gradient in log pi is -A rho where unclipped, 0 where
+    clipped."""
     old = [-1.25 - 0.5 * i for i in range(len(CASES))]
-    logps = torch.tensor([[o + math.log(rho) for o, (rho, _) in zip(old, CASES)]], dtype=torch.float64, requires_grad=True)
+    logps = torch.tensor([[o + math.log(rho) for o, (rho, _) in zip(old, CASES)]], dtype=torch.float64,
+                         requires_grad=True)
     advantages = t([[a for _, a in CASES]])
     losses, clipped, approxkl = ppo_policy_loss(logps, t([old]), advantages, cliprange)
     want_loss, want_clipped, want_grad = [], [], []

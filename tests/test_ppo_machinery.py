@@ -21,12 +21,17 @@ import torch
 import wandb
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, LlamaConfig,
-                          LlamaForSequenceClassification)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 import ppo_rlhf as ppo
 from helpers import CONFIGS, ROOT, TINY, TOY, assert_same_weights, cached_runner, relative_gap
-
 
 
 # --------------------------------------------------------------------------- shared fixtures
@@ -44,15 +49,16 @@ def toy_dirs(tmp_path_factory) -> SimpleNamespace:
 
 
 # 8 prompts a rollout in chunks of 3 (so chunks stop generating at different widths), 2 minibatches of 2 micro-batches
-BASE_ARGS = dict(num_rollouts=4, save_steps=2, rollout_batch_size=8, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                 num_ppo_epochs=2, forward_batch_size=3, eval_steps=2, logging_steps=1000, learning_rate=1e-3, device="cpu")
+BASE_ARGS = dict(num_rollouts=4, save_steps=2, rollout_batch_size=8, per_device_train_batch_size=2,
+                 gradient_accumulation_steps=2, num_ppo_epochs=2, forward_batch_size=3, eval_steps=2,
+                 logging_steps=1000, learning_rate=1e-3, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_dirs):
     """train_run(fresh=False, **overrides): ppo.train on the snapshots (helpers.cached_runner)."""
-    return cached_runner(ppo, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_dirs.model), reward_model_path=str(toy_dirs.rm),
-                         dataset_name=str(toy_dirs.prompts))
+    return cached_runner(ppo, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_dirs.model),
+                         reward_model_path=str(toy_dirs.rm), dataset_name=str(toy_dirs.prompts))
 
 
 def without_timings(metrics: dict) -> dict:
@@ -81,8 +87,8 @@ def test_truncate_after_eos(sampled, kept, has_eos):
 # branch of lm_logits. TINY is their shared size, pad 0, eos 2. They all use rotary embeddings, which see only position
 # differences, so a left-padded row whose positions were not shifted back to 0 would still score the same: GPT-2's
 # absolute position embeddings are what catch that.
-MODELS = {**CONFIGS, "gpt2": lambda: GPT2Config(vocab_size=37, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                                                eos_token_id=2, pad_token_id=0)}
+MODELS = {**CONFIGS, "gpt2": lambda: GPT2Config(vocab_size=37, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                bos_token_id=1, eos_token_id=2, pad_token_id=0)}
 
 
 @pytest.fixture(scope="module", params=["toy", *MODELS])
@@ -119,7 +125,8 @@ def test_left_padded_logps_match_unbatched(causal_lm, temperature):
     with torch.no_grad():
         logps, entropy = ppo.response_logps(causal_lm, *batch, temperature, with_entropy=True)
         for b, (p, r) in enumerate(zip(prompts, responses)):
-            logits = causal_lm(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1].float() / temperature  # (len(r), V)
+            # (len(r), V)
+            logits = causal_lm(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1].float() / temperature
             logp = logits.log_softmax(-1)
             want = torch.zeros(batch[2].shape[1])
             want[: len(r)] = logp.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
@@ -147,7 +154,8 @@ def test_generation_stops_once_every_row_has_an_eos(toy_dirs):
     model = AutoModelForCausalLM.from_pretrained(toy_dirs.model).eval()
     query, query_mask = ppo.left_pad([[2, 6, 7, 3], [2, 3]], toy_dirs.tokenizer.pad_token_id)
     eos = toy_dirs.tokenizer.eos_token_id
-    out = ppo.generate(model, query, query_mask, 50, 1.0, eos, torch.rand(len(query), 50, generator=torch.Generator().manual_seed(0)))
+    out = ppo.generate(model, query, query_mask, 50, 1.0, eos,
+                       torch.rand(len(query), 50, generator=torch.Generator().manual_seed(0)))
     assert out.shape[1] < 50 and (out == eos).any(-1).all() and (out[:, -1] == eos).any()
 
 
@@ -158,24 +166,29 @@ def test_reward_scores_match_the_reward_models_own_forward(pad_is_eos):
     torch.manual_seed(0)
     config = LlamaConfig(**{**TINY, "pad_token_id": 2 if pad_is_eos else 0}, num_labels=1)
     rm = LlamaForSequenceClassification(config).eval()
-    prompts, responses, (query, query_mask, response, mask) = random_rollout(config.vocab_size, pad_id=config.pad_token_id)
+    prompts, responses, (query, query_mask, response, mask) = random_rollout(config.vocab_size,
+                                                                             pad_id=config.pad_token_id)
     for b, r in enumerate(responses):
         response[b, len(r) - 1] = 2  # every response ends with its EOS
     with torch.no_grad():
         scores = ppo.reward_scores(rm, query, query_mask, response, mask)
-        want = [rm(input_ids=torch.tensor([p + response[b, : len(r)].tolist()])).logits[0, 0] for b, (p, r) in enumerate(zip(prompts, responses))]
+        want = [rm(input_ids=torch.tensor([p + response[b, : len(r)].tolist()])).logits[0, 0]
+                for b, (p, r) in enumerate(zip(prompts, responses))]
     torch.testing.assert_close(scores, torch.stack(want), rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- 3. prompts
 def test_prompt_formats_give_identical_ids(toy_dirs, capsys):
     tok = toy_dirs.tokenizer
-    messages = [[{"role": "user", "content": "how was the food ?"}], [{"role": "user", "content": "was the trip good ?"}]]
+    messages = [[{"role": "user", "content": "how was the food ?"}],
+                [{"role": "user", "content": "was the trip good ?"}]]
     texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
     conversational = ppo.tokenize_prompts(Dataset.from_dict({"prompt": messages}), tok, 256, "train")
     assert conversational == ppo.tokenize_prompts(Dataset.from_dict({"prompt": texts}), tok, 256, "train")
-    assert tok.convert_ids_to_tokens(conversational[0]) == ["<|user|>", "how", "was", "the", "food", "?", "<|assistant|>"]
-    assert ppo.tokenize_prompts(Dataset.from_dict({"prompt": texts}), tok, 3, "train")[0] == conversational[0][-3:]  # keeps the end
+    assert tok.convert_ids_to_tokens(conversational[0]) == ["<|user|>", "how", "was", "the", "food", "?",
+                                                            "<|assistant|>"]
+    # keeps the end
+    assert ppo.tokenize_prompts(Dataset.from_dict({"prompt": texts}), tok, 3, "train")[0] == conversational[0][-3:]
     assert "train: 2 prompts kept of 2; 2 truncated to their last 3 tokens" in capsys.readouterr().out
 
 
@@ -207,11 +220,12 @@ def test_saved_models_load(train_run, toy_dirs):
 
 def test_metrics_are_logged_under_their_names(train_run, capsys):
     metrics = train_run().metrics
-    for key in ("objective/kl", "objective/score", "objective/rlhf_reward", "objective/entropy", "policy/approxkl", "policy/clipfrac",
-                "loss/policy", "loss/value", "val/error", "perf/tokens_per_sec", "train/lr", "train/grad_norm", "time/generate",
-                "time/update", "eval/score"):
+    for key in ("objective/kl", "objective/score", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
+                "policy/clipfrac", "loss/policy", "loss/value", "val/error", "perf/tokens_per_sec", "train/lr",
+                "train/grad_norm", "time/generate", "time/update", "eval/score"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
-    assert metrics["objective/rlhf_reward"] == pytest.approx(metrics["objective/score"] - train_run().args.beta * metrics["objective/kl"])
+    assert metrics["objective/rlhf_reward"] == pytest.approx(metrics["objective/score"]
+                                                             - train_run().args.beta * metrics["objective/kl"])
     assert metrics["objective/kl"] != 0 and metrics["policy/approxkl"] > 0  # the policy moved away from the reference
 
 
@@ -227,14 +241,16 @@ def test_resume_replays_the_run_exactly(train_run, capsys):
 
 def test_accumulation_splits_do_not_change_the_update(train_run):
     """Losses are token means over the minibatch whatever its micro-batches: 2 x 2 and 1 x 4 give the same run, up to
-    float32 rounding (measured gap 7.8e-6 of the distance trained; a weight-by-weight atol of 1e-5 sat at the rounding edge)."""
+    float32 rounding (measured gap 7.8e-6 of the distance trained; a weight-by-weight atol of 1e-5 sat at the rounding
+    edge)."""
     a, b = train_run(), train_run(gradient_accumulation_steps=1, per_device_train_batch_size=4)
     assert relative_gap(a.out, b.out, Path(a.args.model_name_or_path)) < 1e-4
 
 
 @pytest.mark.parametrize("bad_call, last_good", [(21, 2), (1, None)])
 def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, bad_call, last_good):
-    """8 micro-batches a rollout: call 21 is in rollout 2 (counted from 0, so after checkpoint-2), call 1 in rollout 0."""
+    """8 micro-batches a rollout: call 21 is in rollout 2 (counted from 0, so after checkpoint-2), call 1 in
+    rollout 0."""
     calls, real = [], ppo.ppo_policy_loss
 
     def poisoned(*args, **kwargs):
@@ -250,14 +266,17 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
     assert (str(out / f"checkpoint-{last_good}") if last_good else "none saved") in str(info.value)
 
 
-@pytest.mark.parametrize("config", [{"advantage_estimator": "rloo", "rloo_k": 2}, {"value_model_init": "policy", "kl_estimator": "k3"}],
+@pytest.mark.parametrize("config", [{"advantage_estimator": "rloo", "rloo_k": 2},
+                                    {"value_model_init": "policy", "kl_estimator": "k3"}],
                          ids=["rloo", "value_from_policy-k3"])
 def test_options_run(train_run, config, monkeypatch):
-    """Each option reaches the code it names: the estimator kl_per_token is called with, the model the critic starts from."""
+    """Each option reaches the code it names: the estimator kl_per_token is called with, the model the critic starts
+    from."""
     estimators, loaded = [], []
     real_kl, real_load = ppo.kl_per_token, ppo.AutoModelForSequenceClassification.from_pretrained
     monkeypatch.setattr(ppo, "kl_per_token", lambda *a: estimators.append(a[2]) or real_kl(*a))
-    monkeypatch.setattr(ppo.AutoModelForSequenceClassification, "from_pretrained", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
+    monkeypatch.setattr(ppo.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda path, **kw: loaded.append(path) or real_load(path, **kw))
     run = train_run(fresh=True, num_rollouts=2, save_steps=0, **config)
     rloo = config.get("advantage_estimator") == "rloo"
     assert (run.out / "value_model").exists() == (not rloo)
@@ -288,10 +307,12 @@ def test_track_logs_metrics_and_sample_table_to_wandb_offline(train_run, tmp_pat
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb.teardown()  # wandb keeps the settings of an earlier run in this process (its directory included)
     train_run(fresh=True, track=True, num_rollouts=2, save_steps=0)
-    wandb.teardown()  # waits for wandb's service to write the run out: run.finish() can return first (seen once in CI, on busy cores)
+    # waits for wandb's service to write the run out: run.finish() can return first (seen once in CI, on busy cores)
+    wandb.teardown()
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     data = record.read_bytes()
-    for key in ("objective/kl", "objective/rlhf_reward", "policy/clipfrac", "perf/tokens_per_sec", "eval/samples", "kl_estimator"):
+    for key in ("objective/kl", "objective/rlhf_reward", "policy/clipfrac", "perf/tokens_per_sec", "eval/samples",
+                "kl_estimator"):
         assert key.encode() in data
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/samples_*.table.json"))
 
@@ -305,11 +326,13 @@ def test_help_lists_the_method_flags(monkeypatch, capsys):
         runpy.run_path(str(ROOT / "ppo_rlhf.py"), run_name="__main__")
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--beta", "--kl_estimator", "--advantage_estimator", "--rloo_k", "--missing_eos_penalty", "--value_model_init"):
+    for flag in ("--beta", "--kl_estimator", "--advantage_estimator", "--rloo_k", "--missing_eos_penalty",
+                 "--value_model_init"):
         assert flag in out
 
 
 @pytest.mark.slow  # starts a process: `python -c 'import ppo_rlhf'`
 def test_import_is_silent():
-    result = subprocess.run([sys.executable, "-c", "import ppo_rlhf"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", "import ppo_rlhf"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

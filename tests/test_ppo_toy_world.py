@@ -15,13 +15,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import MEASURED
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import ppo_rlhf as ppo
 import toy
+from conftest import MEASURED
 
-pytestmark = pytest.mark.slow  # needs the session's toy_reward_model (2 epochs of 16k pairs), trains 30 rollouts and enumerates the toy world
+# needs the session's toy_reward_model (2 epochs of 16k pairs), trains 30 rollouts and enumerates the toy world
+pytestmark = pytest.mark.slow
 
 world = toy.world
 NUM_ROLLOUTS = 30  # of the default 100: about 30 s on 2 cores; every other setting is the default
@@ -42,7 +43,8 @@ def reward_model_scores(rm, tokenizer, prompt: str) -> np.ndarray:
     def extend(cache, rows: int):
         """Scores of the rows * 14 one-word extensions of the cached prefixes (in canonical order), and their cache."""
         cache.batch_repeat_interleave(n)
-        ids = torch.stack([word_ids.repeat(rows), torch.full((rows * n,), eos)], dim=1)  # (rows * 14, 2): next word, <|end|>
+        # (rows * 14, 2): next word, <|end|>
+        ids = torch.stack([word_ids.repeat(rows), torch.full((rows * n,), eos)], dim=1)
         out = rm.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
         out.past_key_values.crop(-1)
         return rm.score(out.last_hidden_state[:, -1]).squeeze(-1), out.past_key_values
@@ -65,7 +67,8 @@ def reward_model_scores(rm, tokenizer, prompt: str) -> np.ndarray:
 
 def check_against_the_scripts_scoring(rm, tokenizer, scores: dict) -> None:
     """A few answers scored the way ppo_rlhf.py scores a rollout (left-padded, cut after EOS) match the enumeration."""
-    picks = [(p, i) for p in world.PROMPTS[:3] for i in (0, 5, 200, 2000, 30000, len(world.RESPONSES) - 1)]  # every length
+    # every length
+    picks = [(p, i) for p in world.PROMPTS[:3] for i in (0, 5, 200, 2000, 30000, len(world.RESPONSES) - 1)]
     query, query_mask = ppo.left_pad([world.prompt_ids(tokenizer, p) for p, _ in picks], tokenizer.pad_token_id)
     answers = [tokenizer.convert_tokens_to_ids(list(world.RESPONSES[i])) + [tokenizer.eos_token_id] for _, i in picks]
     response = torch.tensor([a + [tokenizer.pad_token_id] * (5 - len(a)) for a in answers])
@@ -82,10 +85,11 @@ def optimum_on_answers(ref: np.ndarray, r_rm: np.ndarray, beta: float) -> np.nda
 def test_ppo_moves_toward_the_optimum_on_the_toy_world(tmp_path, toy_reward_model):
     """`python reward_model.py && python ppo_rlhf.py`, with PPO cut to NUM_ROLLOUTS rollouts."""
     REWARD_MODEL = toy_reward_model.path
-    args = ppo.Args(num_rollouts=NUM_ROLLOUTS, reward_model_path=REWARD_MODEL, output_dir=str(tmp_path / "ppo"), logging_steps=10_000,
-                    eval_steps=0, device="cpu")
+    args = ppo.Args(num_rollouts=NUM_ROLLOUTS, reward_model_path=REWARD_MODEL, output_dir=str(tmp_path / "ppo"),
+                    logging_steps=10_000, eval_steps=0, device="cpu")
     metrics = ppo.train(args)
-    rm, tokenizer = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL).eval(), AutoTokenizer.from_pretrained(REWARD_MODEL)
+    rm, tokenizer = (AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL).eval(),
+                     AutoTokenizer.from_pretrained(REWARD_MODEL))
     r_rm = {p: reward_model_scores(rm, tokenizer, p) for p in world.PROMPTS}
     check_against_the_scripts_scoring(rm, tokenizer, r_rm)
     reference, policy = toy.reference_logprobs(), toy.exact_logprobs(tmp_path / "ppo")
@@ -98,22 +102,24 @@ def test_ppo_moves_toward_the_optimum_on_the_toy_world(tmp_path, toy_reward_mode
         "kl_ref": kl_to_optimum(reference), "kl": kl_to_optimum(policy),
         "reward_ref": toy.expected_reward(reference), "reward": toy.expected_reward(policy),
         "reward_opt": float(np.mean([np.exp(optimum[p]) @ world.reward_vector(p)[:-1] for p in world.PROMPTS])),
-        "reward_opt_true": toy.expected_reward({p: world.optimum_logprobs(reference[p], world.reward_vector(p), args.beta) for p in world.PROMPTS}),
+        "reward_opt_true": toy.expected_reward(
+            {p: world.optimum_logprobs(reference[p], world.reward_vector(p), args.beta) for p in world.PROMPTS}),
         "bottom_ref": toy.bottom_mass(reference), "bottom": toy.bottom_mass(policy),
         "corr": float(np.mean([np.corrcoef(r_rm[p], world.reward_vector(p)[:-1])[0, 1] for p in world.PROMPTS])),
     }
     MEASURED.append(
-        f"ppo_rlhf.py, {NUM_ROLLOUTS} rollouts (beta={args.beta}): KL(pi|Y || pi*_RM|Y) {f['kl_ref']:.3f} -> {f['kl']:.3f} "
+        f"ppo_rlhf.py, {NUM_ROLLOUTS} rollouts (beta={args.beta}): "
+        f"KL(pi|Y || pi*_RM|Y) {f['kl_ref']:.3f} -> {f['kl']:.3f} "
         f"({f['kl'] / f['kl_ref']:.1%} of the reference's); E[r] {f['reward_ref']:.3f} -> {f['reward']:.3f} "
         f"(pi*_RM {f['reward_opt']:.3f}, pi* of the true reward {f['reward_opt_true']:.3f}); mass outside Y "
         f"{f['bottom_ref']:.3f} -> {f['bottom']:.3f}; corr(r_RM, r) over Y {f['corr']:.3f}; last rollout's score "
         f"{metrics['objective/score']:.3f}, kl {metrics['objective/kl']:.3f}")
     # Measured after 30 rollouts against two reward models from reward_model.py's default run (corr(r_RM, r) over Y 0.86
-    # and 0.78): KL to pi*_RM 12.9 -> 1.28 (9.9%) and 10.4 -> 1.85 (18%); E[r] 1.85 -> 3.20 and 2.91, closing 80% and 82%
-    # of the gap to pi*_RM's E[r] (3.54, 3.14); mass outside Y 0.004 -> 0.03. After the default 100 rollouts: KL 3.1% and
-    # 5.7% of the reference's, E[r] 3.43 and 3.09. Since sampling inverts each row's CDF at its own uniform draws (so that
-    # samples do not depend on the number of processes), the suite's reward model measures 13.3% and E[r] 3.385 (12.9%
-    # and 3.33 with the previous sampler, torch.multinomial).
+    # and 0.78): KL to pi*_RM 12.9 -> 1.28 (9.9%) and 10.4 -> 1.85 (18%); E[r] 1.85 -> 3.20 and 2.91, closing 80% and
+    # 82% of the gap to pi*_RM's E[r] (3.54, 3.14); mass outside Y 0.004 -> 0.03. After the default 100 rollouts:
+    # KL 3.1% and 5.7% of the reference's, E[r] 3.43 and 3.09. Since sampling inverts each row's CDF at its own uniform
+    # draws (so that samples do not depend on the number of processes), the suite's reward model measures 13.3% and
+    # E[r] 3.385 (12.9% and 3.33 with the previous sampler, torch.multinomial).
     assert f["kl"] < 0.3 * f["kl_ref"]
     assert f["reward"] - f["reward_ref"] > 0.5 * (f["reward_opt"] - f["reward_ref"])
     assert f["bottom"] < 0.1

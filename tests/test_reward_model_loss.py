@@ -41,7 +41,8 @@ def columns(rows, dtype, requires_grad=False):
 @pytest.mark.parametrize("coef", COEFS)
 @pytest.mark.parametrize("with_margin", [False, True])
 def test_loss_matches_hand_values(dtype, coef, with_margin):
-    """loss = softplus(-(r_w - r_l - m)) + c (r_w + r_l)^2 per pair; r_w, r_l come back unchanged; shape and dtype kept."""
+    """loss = softplus(-(r_w - r_l - m)) + c (r_w + r_l)^2 per pair; r_w, r_l come back unchanged;
+    shape and dtype kept."""
     chosen, rejected, margin = columns(CASES, dtype)
     losses, chosen_out, rejected_out = reward_loss(chosen, rejected, margin if with_margin else None, coef)
     for out in (losses, chosen_out, rejected_out):
@@ -95,7 +96,8 @@ def test_gradient_matches_hand_formula_and_direction(coef):
     if coef == 0.0:
         assert (chosen.grad < 0).all() and (rejected.grad > 0).all() and (margin.grad > 0).all()
         order = sorted(range(len(CASES)), key=lambda i: CASES[i][0] - CASES[i][1] - CASES[i][2])  # by d, rising
-        assert [abs(chosen.grad[i].item()) for i in order] == sorted((abs(g) for g in chosen.grad.tolist()), reverse=True)
+        assert [abs(chosen.grad[i].item()) for i in order] == sorted((abs(g) for g in chosen.grad.tolist()),
+                                                                     reverse=True)
 
 
 def test_bradley_terry_part_ignores_a_shared_shift_and_centring_does_not():

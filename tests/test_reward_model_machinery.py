@@ -39,14 +39,16 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
+# 4 batches an epoch: step 3 -> 4 crosses an epoch; eval 6 + 6 + 4
 BASE_ARGS = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=6,
-                 eval_steps=0, logging_steps=1000, device="cpu")  # 4 batches an epoch: step 3 -> 4 crosses an epoch; eval 6 + 6 + 4
+                 eval_steps=0, logging_steps=1000, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_model_dir, data_dir):
     """train_run(fresh=False, **overrides): rm.train on the snapshots (helpers.cached_runner)."""
-    return cached_runner(rm, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir))
+    return cached_runner(rm, tmp_path_factory, **BASE_ARGS, model_name_or_path=str(toy_model_dir),
+                         dataset_name=str(data_dir))
 
 
 def assert_same_metrics(a: dict, b: dict) -> None:
@@ -77,7 +79,8 @@ TINY = dict(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_laye
 CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY),  # grouped-query attention, rotary positions
     "qwen2": lambda: Qwen2Config(**TINY),
-    "gpt2": lambda: GPT2Config(vocab_size=37, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1),  # learned positions
+    # learned positions
+    "gpt2": lambda: GPT2Config(vocab_size=37, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1),
 }
 # (prompt, chosen, rejected) lengths: rows of different widths, so most are right-padded
 LENGTHS = [(1, 1, 5), (4, 3, 1), (2, 6, 2), (7, 2, 3)]
@@ -103,15 +106,17 @@ def test_score_is_read_at_the_last_non_padding_token(score_model, pad):
     rows = []
     for i, (p, c, r) in enumerate(LENGTHS):
         prompt = ids(p)
-        rows.append({"chosen": prompt + ids(c), "chosen_start": p, "rejected": prompt + ids(r), "rejected_start": p, "index": i})
+        rows.append({"chosen": prompt + ids(c), "chosen_start": p, "rejected": prompt + ids(r), "rejected_start": p,
+                     "index": i})
     batch = rm.collate(rows, pad_id)
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     assert (batch["attention_mask"] == 0).any()  # some rows are padded
     with torch.no_grad():
         chosen, rejected = rm.pair_rewards(score_model, batch)
         alone = torch.cat([score_model(input_ids=torch.tensor([s])).logits[:, 0] for s in seqs])
-        by_hand = torch.stack([score_model.score(score_model.base_model(input_ids=torch.tensor([s])).last_hidden_state[0, -1])[0]
-                               for s in seqs])
+        by_hand = torch.stack([
+            score_model.score(score_model.base_model(input_ids=torch.tensor([s])).last_hidden_state[0, -1])[0]
+            for s in seqs])
         first = score_model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
         at_position_0 = score_model.score(first.hidden_states[-1][:, 0])[:, 0]
     assert chosen.shape == rejected.shape == (len(rows),) and chosen.dtype == torch.float32
@@ -134,10 +139,12 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path, train_run):
     (model_dir / "config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
     out = train_run(fresh=True, model_name_or_path=str(model_dir), max_steps=2, save_steps=0).out
-    tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer, model = (AutoTokenizer.from_pretrained(out),
+                        AutoModelForSequenceClassification.from_pretrained(out).eval())
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == model.config.pad_token_id == eos
-    texts = ["<|user|> how was the food ? <|assistant|> great food <|end|>", "<|user|> how was the trip ? <|assistant|> <|end|>"]
+    texts = ["<|user|> how was the food ? <|assistant|> great food <|end|>",
+             "<|user|> how was the trip ? <|assistant|> <|end|>"]
     with torch.no_grad():
         padded = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0]
         alone = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits[:, 0] for t in texts])
@@ -156,7 +163,8 @@ def test_formats_give_identical_sequences(toy_tokenizer, tmp_path):
     for name in ("pairs", "pairs_standard", "pairs_implicit"):
         head(TOY / name / "train.jsonl", tmp_path / f"{name}.jsonl", N_TRAIN)
         data = load_dataset("json", data_files=str(tmp_path / f"{name}.jsonl"), split="train")
-        rows[name] = [(r["chosen"], r["rejected"]) for r in rm.tokenize_pairs_with_margins(data, toy_tokenizer, 512, 256, name, None)]
+        rows[name] = [(r["chosen"], r["rejected"])
+                      for r in rm.tokenize_pairs_with_margins(data, toy_tokenizer, 512, 256, name, None)]
     assert len(rows["pairs"]) == N_TRAIN
     assert rows["pairs"] == rows["pairs_standard"] == rows["pairs_implicit"]
 
@@ -176,7 +184,8 @@ def test_margins_stay_with_their_rows_when_rows_are_skipped(toy_tokenizer, capsy
     assert "unit: 3 pairs kept of 5" in capsys.readouterr().out
     assert [r["margin"] for r in kept] == [1.5, -0.25, 2.0]
     assert [r["index"] for r in kept] == [0, 1, 2]
-    assert [r["margin"] for r in rm.tokenize_pairs_with_margins(rows, toy_tokenizer, 512, 256, "unit", None)] == [0.0] * 3
+    assert [r["margin"]
+            for r in rm.tokenize_pairs_with_margins(rows, toy_tokenizer, 512, 256, "unit", None)] == [0.0] * 3
 
 
 @pytest.mark.parametrize("value, match", [
@@ -210,7 +219,8 @@ def test_margin_column_reaches_the_loss(train_run, monkeypatch, data_dir):
         chosen, rejected = rm.pair_rewards(model, rm.collate(rows, tok.pad_token_id))
     margins = torch.tensor([margin_of(i) for i in range(N_TEST)])
     d = (chosen - rejected).double()
-    with_m, without_m = torch.nn.functional.softplus(margins - d).mean().item(), torch.nn.functional.softplus(-d).mean().item()
+    with_m, without_m = (torch.nn.functional.softplus(margins - d).mean().item(),
+                         torch.nn.functional.softplus(-d).mean().item())
     assert with_margin.metrics["eval/loss"] == pytest.approx(with_m, rel=1e-5)
     assert with_m > without_m  # the margins (mean 1 > 0) raise every pair's loss: -log s(d - m) > -log s(d)
 
@@ -219,7 +229,8 @@ def test_missing_columns_are_named(train_run, tmp_path, data_dir):
     with pytest.raises(ValueError, match="no margin column 'score'"):
         train_run(fresh=True, margin_column="score", max_steps=1, save_steps=0)
     rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n" for r in rows))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n"
+                                                  for r in rows))
     with pytest.raises(ValueError, match="no column 'rejected'"):
         train_run(fresh=True, dataset_name=str(tmp_path / "train.jsonl"), eval_holdout=16, max_steps=1, save_steps=0)
 
@@ -277,7 +288,8 @@ def test_same_seed_same_weights_and_a_seeded_head(train_run, toy_model_dir):
 
 
 @pytest.mark.parametrize("corrupt, bad_call, last_good", [("loss", 5, 3), ("gradient", 5, 3), ("loss", 1, None)])
-def test_non_finite_step_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, corrupt, bad_call, last_good):
+def test_non_finite_step_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, corrupt, bad_call,
+                                                             last_good):
     edit = {
         "loss": lambda losses, chosen: losses * float("nan"),
         # finite loss, NaN gradient: d sqrt(u)/du = inf at u = 0, times 0
@@ -305,11 +317,14 @@ def test_resume_from_a_final_model_says_what_it_needs(train_run):
 def test_metrics_are_named_and_consistent(train_run):
     m = train_run().metrics
     for split in ("train", "eval"):
-        for key in ("loss", "rewards/accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/mean", "rewards/std"):
+        for key in ("loss", "rewards/accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/mean",
+                    "rewards/std"):
             assert math.isfinite(m[f"{split}/{key}"]), f"{split}/{key}"
     assert m["eval/rewards/margin"] == pytest.approx(m["eval/rewards/chosen"] - m["eval/rewards/rejected"], abs=1e-6)
-    assert m["eval/rewards/mean"] == pytest.approx((m["eval/rewards/chosen"] + m["eval/rewards/rejected"]) / 2, abs=1e-6)
-    assert m["eval/rewards/accuracy"] * N_TEST == round(m["eval/rewards/accuracy"] * N_TEST)  # a fraction of the 16 held-out pairs
+    assert m["eval/rewards/mean"] == pytest.approx((m["eval/rewards/chosen"] + m["eval/rewards/rejected"]) / 2,
+                                                   abs=1e-6)
+    # a fraction of the 16 held-out pairs
+    assert m["eval/rewards/accuracy"] * N_TEST == round(m["eval/rewards/accuracy"] * N_TEST)
     assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec", "train/epoch"} <= m.keys()
 
 

@@ -102,7 +102,8 @@ def test_the_constant_is_free_without_centring():
                         rel_tol=1e-13)
     f, _ = minimise(reward, mu, torch.full_like(reward, 5.0))
     assert spread(f - reward) < TOL
-    # LBFGS moves f only along gradients, which sum to 0 within a prompt when the loss ignores shifts: the mean stays put
+    # LBFGS moves f only along gradients, which sum to 0 within a prompt when the loss ignores shifts: the mean
+    # stays put
     torch.testing.assert_close(f.mean(-1), torch.full((N_PROMPTS,), 5.0, dtype=torch.float64), rtol=0, atol=1e-9)
 
 

@@ -13,12 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import MEASURED
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import toy
+from conftest import MEASURED
 
-pytestmark = pytest.mark.slow  # needs the session's toy_reward_model (2 epochs of 16k pairs) and scores the toy world's answers
+# needs the session's toy_reward_model (2 epochs of 16k pairs) and scores the toy world's answers
+pytestmark = pytest.mark.slow
 
 
 world = toy.world
@@ -33,7 +34,8 @@ def default_run(toy_reward_model):
     (measured: 526 s for this run with 2 threads on a busy machine, 86 s with 1)."""
     run = toy_reward_model
     model = AutoModelForSequenceClassification.from_pretrained(run.path).eval()
-    return SimpleNamespace(metrics=run.metrics, seconds=run.seconds, model=model, tokenizer=AutoTokenizer.from_pretrained(run.path),
+    return SimpleNamespace(metrics=run.metrics, seconds=run.seconds, model=model,
+                           tokenizer=AutoTokenizer.from_pretrained(run.path),
                            test=[json.loads(line) for line in (run.data_dir / "test.jsonl").read_text().splitlines()])
 
 
@@ -56,11 +58,12 @@ def answer_ids(tokenizer, prompt: str, words: tuple[str, ...]) -> list[int]:
 
 def test_held_out_accuracy_approaches_the_true_reward(default_run):
     """On the 512 held-out Bradley-Terry labels, the reward model's pairwise accuracy comes within 5 points of the true
-    reward's own, its loss within 0.05 of the true reward's, and it orders at least 90% of the pairs r does not tie
-    as r does. Measured (16k pairs, 2 epochs): 0.703 vs 0.722, 0.567 vs 0.537, 93.5%. (On the earlier 8k-pair toy world, other
-    learning rates and epoch counts measured 1.4-3.1 points and 0.020-0.041 short; a constant reward model scores log 2 = 0.693, 0.156 short of the true reward here.) The accuracy
-    gap is paired, both on the same labels; its sampling noise is about 1.5 points. All of it is recomputed here
-    from the saved model through the plain HF call, and agrees with the run's own evaluation."""
+    reward's own, its loss within 0.05 of the true reward's, and it orders at least 90% of the pairs r does not tie as r
+    does. Measured (16k pairs, 2 epochs): 0.703 vs 0.722, 0.567 vs 0.537, 93.5%. (On the earlier 8k-pair toy world,
+    other learning rates and epoch counts measured 1.4-3.1 points and 0.020-0.041 short; a constant reward model scores
+    log 2 = 0.693, 0.156 short of the true reward here.) The accuracy gap is paired, both on the same labels; its
+    sampling noise is about 1.5 points. All of it is recomputed here from the saved model through the plain HF call, and
+    agrees with the run's own evaluation."""
     run, tok = default_run, default_run.tokenizer
     seqs, gaps = [], []
     for row in run.test:
@@ -70,7 +73,8 @@ def test_held_out_accuracy_approaches_the_true_reward(default_run):
         gaps.append(world.reward(prompt, chosen) - world.reward(prompt, rejected))
     # the sequences are what the chat template makes of the conversation, as in training
     row = run.test[0]
-    assert seqs[0] == tok(tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False), add_special_tokens=False)["input_ids"]
+    assert seqs[0] == tok(tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False),
+                          add_special_tokens=False)["input_ids"]
     s = scores(run.model, tok, seqs)
     margin, gaps = s[0::2] - s[1::2], np.array(gaps)
     accuracy = float(np.mean(margin > 0))
@@ -79,9 +83,10 @@ def test_held_out_accuracy_approaches_the_true_reward(default_run):
     loss, true_loss = float(np.mean(np.logaddexp(0, -margin))), float(np.mean(np.logaddexp(0, -gaps)))
     agreement = float(np.mean(((margin > 0) == (gaps > 0))[gaps != 0]))  # against r's order, where r has one
     MEASURED.append(
-        f"python reward_model.py (defaults, {run.seconds:.0f} s on 1 thread): held-out accuracy {accuracy:.3f} vs the true "
-        f"reward's {ceiling:.3f} on the same {len(gaps)} labels ({expected_ceiling:.3f} expected over label draws); "
-        f"BT loss {loss:.4f} vs the true reward's {true_loss:.4f}; orders {agreement:.1%} of the untied pairs as r does")
+        f"python reward_model.py (defaults, {run.seconds:.0f} s on 1 thread): "
+        f"held-out accuracy {accuracy:.3f} vs the true reward's {ceiling:.3f} on the same {len(gaps)} labels "
+        f"({expected_ceiling:.3f} expected over label draws); BT loss {loss:.4f} vs the true reward's {true_loss:.4f}; "
+        f"orders {agreement:.1%} of the untied pairs as r does")
     assert abs(accuracy - run.metrics["eval/rewards/accuracy"]) <= 1 / len(gaps)  # one pair may flip on float rounding
     assert loss == pytest.approx(run.metrics["eval/loss"], abs=1e-4)
     assert accuracy >= ceiling - 0.05
@@ -90,11 +95,12 @@ def test_held_out_accuracy_approaches_the_true_reward(default_run):
 
 
 def test_scores_correlate_with_the_true_reward_over_the_answer_space(default_run):
-    """Per prompt, the Pearson correlation between the learned score and r over a seeded uniform sample of all
-    41,371 answers is at least 0.75 on every prompt (measured: 0.849-0.883, mean 0.871; on the earlier 8k-pair world, other learning rates
-    and epoch counts 0.73-0.86 at worst). Most of Y is never seen in training (16,384 pairs drawn from pi_ref), so this
-    measures generalisation, not fit. With 2,048 answers the sampling error of each correlation is about 0.006
-    ((1 - rho^2)/sqrt(n)); on an earlier toy model a 4,096-answer sample was 0.001 off the full enumeration's mean."""
+    """Per prompt, the Pearson correlation between the learned score and r over a seeded uniform sample of all 41,371
+    answers is at least 0.75 on every prompt (measured: 0.849-0.883, mean 0.871; on the earlier 8k-pair world, other
+    learning rates and epoch counts 0.73-0.86 at worst). Most of Y is never seen in training (16,384 pairs drawn from
+    pi_ref), so this measures generalisation, not fit. With 2,048 answers the sampling error of each correlation is
+    about 0.006 ((1 - rho^2)/sqrt(n)); on an earlier toy model a 4,096-answer sample was 0.001 off the full
+    enumeration's mean."""
     run, tok = default_run, default_run.tokenizer
     sample = sorted(random.Random(0).sample(range(len(world.RESPONSES)), N_ANSWERS))
     correlations = []

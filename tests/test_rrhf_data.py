@@ -14,12 +14,13 @@ from helpers import TOY
 
 
 def ranked_row(completions, scores, prompt="how was the food ?"):
-    return {"prompt": [{"role": "user", "content": prompt}], "completions": [[{"role": "assistant", "content": c}] for c in completions],
-            "scores": scores}
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "completions": [[{"role": "assistant", "content": c}] for c in completions], "scores": scores}
 
 
 def tokenize(rows, tokenizer, kind="ranked", **kwargs):
-    return rrhf.tokenize_groups(Dataset.from_list(rows), tokenizer, 512, 256, "train", kind, "completions", "scores", **kwargs)
+    return rrhf.tokenize_groups(Dataset.from_list(rows), tokenizer, 512, 256, "train", kind, "completions", "scores",
+                                **kwargs)
 
 
 def test_bad_rows_are_counted_and_reported(toy_tokenizer, capsys):
@@ -32,14 +33,19 @@ def test_bad_rows_are_counted_and_reported(toy_tokenizer, capsys):
     out = capsys.readouterr().out
     assert [r["scores"] for r in kept] == [[4.0, 1.0], [4.0, 1.0, 1.0]]
     assert "train: 2 groups kept of 5 (k: 2 x1, 3 x1" in out
-    assert "responses and scores do not line up: 1" in out and "all scores tied: 1" in out and "fewer than 2 responses: 1" in out
+    assert ("responses and scores do not line up: 1" in out and "all scores tied: 1" in out
+            and "fewer than 2 responses: 1" in out)
 
 
 @pytest.mark.parametrize("row, match", [
-    (ranked_row(["great food", "awful"], ["4", "high"]), r"row 0: column 'scores' should be a list of finite numbers, got .\['4', 'high'\]."),
-    (ranked_row(["great food", "awful"], [4.0, float("nan")]), "row 0: column 'scores' should be a list of finite numbers"),
-    (ranked_row(["great food", "awful"], [4.0, 1.0]) | {"completions": "great food"}, "row 0: column 'completions' should be a list of message lists"),
-    (ranked_row(["great food", "awful"], [4.0, 1.0]) | {"prompt": "how was the food ?"}, "row 0: column 'completions' should be a list of strings"),
+    (ranked_row(["great food", "awful"], ["4", "high"]),
+     r"row 0: column 'scores' should be a list of finite numbers, got .\['4', 'high'\]."),
+    (ranked_row(["great food", "awful"], [4.0, float("nan")]),
+     "row 0: column 'scores' should be a list of finite numbers"),
+    (ranked_row(["great food", "awful"], [4.0, 1.0]) | {"completions": "great food"},
+     "row 0: column 'completions' should be a list of message lists"),
+    (ranked_row(["great food", "awful"], [4.0, 1.0]) | {"prompt": "how was the food ?"},
+     "row 0: column 'completions' should be a list of strings"),
 ])
 def test_malformed_rows_stop_naming_row_and_column(toy_tokenizer, row, match):
     with pytest.raises(ValueError, match=match):
@@ -54,7 +60,8 @@ def test_malformed_rows_stop_naming_row_and_column(toy_tokenizer, row, match):
 def test_unknown_layouts_name_the_missing_column(columns, need_scores, match):
     with pytest.raises(ValueError, match=match):
         rrhf.data_kind(Dataset.from_dict(columns), "mine", "completions", "scores", need_scores)
-    assert rrhf.data_kind(Dataset.from_dict({"prompt": ["x"], "completions": [["a", "b"]]}), "mine", "completions", "scores", False) == "ranked"
+    assert rrhf.data_kind(Dataset.from_dict({"prompt": ["x"], "completions": [["a", "b"]]}), "mine", "completions",
+                          "scores", False) == "ranked"
 
 
 def test_pairwise_rows_are_groups_of_two(toy_tokenizer):
@@ -63,7 +70,8 @@ def test_pairwise_rows_are_groups_of_two(toy_tokenizer):
     keep every row as k = 2."""
     pairs = [json.loads(line) for line in (TOY / "pairs" / "train.jsonl").read_text().splitlines()[:32]]
     as_pairs = tokenize(pairs, toy_tokenizer, kind="pairwise")
-    as_ranked = tokenize([{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "scores": [1.0, 0.0]} for r in pairs], toy_tokenizer)
+    as_ranked = tokenize([{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "scores": [1.0, 0.0]}
+                          for r in pairs], toy_tokenizer)
     assert as_pairs == as_ranked and len(as_pairs) == 32
     for name in ("pairs_standard", "pairs_implicit"):
         rows = [json.loads(line) for line in (TOY / name / "train.jsonl").read_text().splitlines()[:32]]
@@ -76,8 +84,10 @@ def test_batched_group_logps_match_one_sequence_at_a_time(toy_model_dir, toy_tok
     token count, computed here from a forward over the lone unpadded sequence; the padding slot is 0."""
     model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
     rows = tokenize([ranked_row(["great food", "awful"], [4.0, 1.0]),
-                     ranked_row(["the film was good", "", "very bad trip", "food"], [3.0, 2.0, 0.0, 2.5], "how was the film ?"),
-                     ranked_row(["not bad", "good party", "?"], [2.5, 1.0, 0.0], "was the party good ?")], toy_tokenizer)
+                     ranked_row(["the film was good", "", "very bad trip", "food"], [3.0, 2.0, 0.0, 2.5],
+                                "how was the film ?"),
+                     ranked_row(["not bad", "good party", "?"], [2.5, 1.0, 0.0], "was the party good ?")],
+                    toy_tokenizer)
     batch = rrhf.collate_groups(rows, toy_tokenizer.pad_token_id)
     with torch.no_grad():
         logps, lengths = rrhf.group_logps(model, batch)

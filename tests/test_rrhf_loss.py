@@ -16,7 +16,8 @@ def loss(logps, lengths, scores, valid=None, w=1.0):
 
 def test_one_group_by_hand():
     """k = 3. p = (-6/3, -2/1, -9/2) = (-2, -2, -4.5); scores (1, 3, 2).
-    Ordered pairs (worse i, better j): (0,1): max(0, -2 - -2) = 0; (0,2): max(0, -2 - -4.5) = 2.5; (2,1): max(0, -4.5 - -2) = 0.
+    Ordered pairs (worse i, better j): (0,1): max(0, -2 - -2) = 0; (0,2): max(0, -2 - -4.5) = 2.5;
+    (2,1): max(0, -4.5 - -2) = 0.
     L_rank = 2.5; best = response 1, L_ft = -p_1 = 2; w = 0.5: L = 0.5 * 2.5 + 2 = 3.25."""
     _, (losses, rank, sft, p) = loss([[-6.0, -2.0, -9.0]], [[3, 1, 2]], [[1.0, 3.0, 2.0]], w=0.5)
     torch.testing.assert_close(p, torch.tensor([[-2.0, -2.0, -4.5]], dtype=torch.float64))
@@ -33,9 +34,9 @@ def test_gradient_by_hand():
 
 def test_ties_make_no_pair_and_the_first_top_score_is_the_target():
     """scores (2, 2, 1): the tied pair (0, 1) is ignored whatever its p; pairs (2, 0), (2, 1) are checked.
-    p = (-1, -3, -2): (2,0): max(0, -2 - -1) = 0; (2,1): max(0, -2 - -3) = 1. Best = the first of the tied top, response 0:
-    L_ft = 1. L = 1 + 1 = 2. Swapping the tied responses' log-probs makes the target (still response 0) p = -3: then
-    (2,0): max(0, -2 - -3) = 1, (2,1): max(0, -2 - -1) = 0, L_ft = 3, L = 1 + 3 = 4."""
+    p = (-1, -3, -2): (2,0): max(0, -2 - -1) = 0; (2,1): max(0, -2 - -3) = 1. Best = the first of the tied top,
+    response 0: L_ft = 1. L = 1 + 1 = 2. Swapping the tied responses' log-probs makes the target (still response 0)
+    p = -3: then (2,0): max(0, -2 - -3) = 1, (2,1): max(0, -2 - -1) = 0, L_ft = 3, L = 1 + 3 = 4."""
     _, (losses, rank, sft, _) = loss([[-1.0, -3.0, -2.0]], [[1, 1, 1]], [[2.0, 2.0, 1.0]])
     assert (rank.item(), sft.item(), losses.item()) == (1.0, 1.0, 2.0)
     _, (losses, rank, sft, _) = loss([[-3.0, -1.0, -2.0]], [[1, 1, 1]], [[2.0, 2.0, 1.0]])
@@ -51,7 +52,8 @@ def test_unequal_k_in_one_batch_ignores_the_padding():
     Then B with scores reversed (1, 2, 3, 4): pairs (i<j in index, r_i < r_j): p_i - p_j = j - i for the 6 pairs:
     1+2+3+1+2+1 = 10, L_ft = -p_3 = 4, L = 14."""
     valid = [[True, True, False, False], [True] * 4]
-    logps, (losses, rank, sft, p) = loss([[-4.0, -1.0, 50.0, 80.0], [-1.0, -2.0, -3.0, -4.0]], [[2, 1, 0, 0], [1, 1, 1, 1]],
+    logps, (losses, rank, sft, p) = loss([[-4.0, -1.0, 50.0, 80.0], [-1.0, -2.0, -3.0, -4.0]],
+                                         [[2, 1, 0, 0], [1, 1, 1, 1]],
                                          [[0.0, 1.0, 9.0, 9.0], [4.0, 3.0, 2.0, 1.0]], valid)
     assert losses.tolist() == [1.0, 1.0] and rank.tolist() == [0.0, 0.0] and sft.tolist() == [1.0, 1.0]
     assert p[0, 2:].tolist() == [0.0, 0.0]
@@ -85,7 +87,8 @@ def test_metrics_are_means_over_groups_by_hand():
     p = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]])
     scores = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 7.0]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
-    m = rrhf_metrics("train", torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 1.0]), p, scores, valid)
+    m = rrhf_metrics("train", torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 1.0]), p, scores,
+                     valid)
     assert m["train/p/pair_accuracy"] == pytest.approx(2 / 3)
     assert m["train/p/kendall_tau"] == pytest.approx(1 / 3)
     assert m["train/p/mean"] == pytest.approx(-19 / 12)

@@ -58,10 +58,12 @@ def test_one_group_concentrates_on_its_best_response():
     exactly (hinge 0 at finite steps) and drives pi(y1) toward 1: four times the steps leave a smaller loss, still
     above its infimum 0, which no finite logits attain."""
     lengths, scores = torch.tensor([2, 3, 1, 2]), torch.tensor([1.0, 3.0, 2.0, 0.0], dtype=torch.float64)
-    (pi_short, short, _), (pi, total, rank) = (descend([[0, 1, 2]], torch.ones(1, dtype=torch.float64), lengths, scores, 4, w=1.0, steps=n)
-                                              for n in (1000, 4000))
+    (pi_short, short, _), (pi, total, rank) = (
+        descend([[0, 1, 2]], torch.ones(1, dtype=torch.float64), lengths, scores, 4, w=1.0, steps=n)
+        for n in (1000, 4000))
     assert rank == 0.0
-    assert pi_short[1] < pi[1] < 1 and pi[1] > 0.99 and 0 < total < short  # measured: 0.978 after 1000 steps, 0.997 after 4000
+    # measured: 0.978 after 1000 steps, 0.997 after 4000
+    assert pi_short[1] < pi[1] < 1 and pi[1] > 0.99 and 0 < total < short
 
 
 def group_population(mu, k):
@@ -125,10 +127,10 @@ def test_side_by_side_is_descending_alone():
 @pytest.mark.parametrize("w", BINDING_WS)
 def test_a_binding_hinge_pools_or_leaves_the_pair(w, binding_descents):
     """Rewards 0..4, mu = (0.2, 0.2, 0.2, 0.35, 0.05), k = 3, unit lengths: the top answer y4 is rarely sampled, so
-    c_4 < c_3 and pi* alone would rank y4 below y3. q = E[count of (y3, y4) pairs per group] = k(k-1) mu_3 mu_4 / (1 - sum mu^k)
-    (ordered positions, normalised like the groups). By hand: sum mu^3 = 0.067, c = P(best) = (0, 0.0514, 0.1543, 0.6415,
-    0.1527), q = 0.1125, threshold (c_3 - c_4)/(2q) = 2.17: w = 5 pools y3 and y4, w = 0.5 leaves them mis-ordered at
-    (c_3 - w q, c_4 + w q) / sum c."""
+    c_4 < c_3 and pi* alone would rank y4 below y3. q = E[count of (y3, y4) pairs per group]
+    = k(k-1) mu_3 mu_4 / (1 - sum mu^k) (ordered positions, normalised like the groups). By hand: sum mu^3 = 0.067,
+    c = P(best) = (0, 0.0514, 0.1543, 0.6415, 0.1527), q = 0.1125, threshold (c_3 - c_4)/(2q) = 2.17: w = 5 pools y3
+    and y4, w = 0.5 leaves them mis-ordered at (c_3 - w q, c_4 + w q) / sum c."""
     mu = BINDING_MU
     c = p_best(mu, 3)
     q = 3 * 2 * mu[3] * mu[4] / (1 - np.sum(mu**3))

@@ -10,13 +10,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import MEASURED
 
 import rrhf
 import toy
+from conftest import MEASURED
 from helpers import TOY
 
-pytestmark = pytest.mark.slow  # trains for epochs of the toy groups (one test against the session's toy_reward_model) and enumerates the toy world
+# trains for epochs of the toy groups (one test against the session's toy_reward_model) and enumerates the toy world
+pytestmark = pytest.mark.slow
 
 world = toy.world
 RM_R, RM_TAU = 2.476, 0.838  # measured with the reward model, below
@@ -28,7 +29,8 @@ def held_out_groups() -> list[tuple[str, list[int], list[int], list[float]]]:
     for line in (TOY / "ranked" / "test.jsonl").read_text().splitlines():
         row = json.loads(line)
         answers = [tuple(c[0]["content"].split()) for c in row["completions"]]
-        groups.append((row["prompt"][0]["content"], [world.RESPONSE_INDEX[y] for y in answers], [len(y) + 1 for y in answers], row["scores"]))
+        groups.append((row["prompt"][0]["content"], [world.RESPONSE_INDEX[y] for y in answers],
+                       [len(y) + 1 for y in answers], row["scores"]))
     return groups
 
 
@@ -47,9 +49,11 @@ def measure(name: str, policy: dict) -> tuple[float, float, float, float]:
     reference = toy.reference_logprobs()
     r_ref, r = toy.expected_reward(reference), toy.expected_reward(policy)
     tau_ref, tau = kendall_tau(reference), kendall_tau(policy)
-    entropy = lambda d: float(np.mean([world.summarize(d[p], world.reward_vector(p))["entropy"] for p in world.PROMPTS]))  # noqa: E731
+    entropy = lambda d: float(np.mean([world.summarize(d[p], world.reward_vector(p))["entropy"]  # noqa: E731
+                                       for p in world.PROMPTS]))
     MEASURED.append(f"{name}: E[r] {r_ref:.3f} -> {r:.3f}; held-out Kendall tau(p, scores) {tau_ref:.3f} -> {tau:.3f}; "
-                    f"entropy {entropy(reference):.3f} -> {entropy(policy):.3f}; mass outside Y {toy.bottom_mass(policy):.4f}")
+                    f"entropy {entropy(reference):.3f} -> {entropy(policy):.3f}; "
+                    f"mass outside Y {toy.bottom_mass(policy):.4f}")
     return r_ref, r, tau_ref, tau
 
 
@@ -67,6 +71,7 @@ def test_rrhf_with_a_learned_reward_model(tmp_path, toy_reward_model):
     Measured: E[r] 1.849 -> 2.476, tau against the true scores 0.284 -> 0.838; held to at least half of each gain."""
     rrhf.train(rrhf.Args(reward_model_path=toy_reward_model.path, output_dir=str(tmp_path / "rrhf"), eval_steps=0,
                          logging_steps=10_000, device="cpu"))
-    r_ref, r, tau_ref, tau = measure("python rrhf.py --reward_model_path runs/reward_model", toy.exact_logprobs(tmp_path / "rrhf"))
+    r_ref, r, tau_ref, tau = measure("python rrhf.py --reward_model_path runs/reward_model",
+                                     toy.exact_logprobs(tmp_path / "rrhf"))
     assert r - r_ref > 0.5 * (RM_R - 1.849)
     assert tau - tau_ref > 0.5 * (RM_TAU - 0.284)

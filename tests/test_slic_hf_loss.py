@@ -29,7 +29,8 @@ def test_table_is_consistent():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_values_inside_and_outside_the_margin(dtype):
     for chosen, rejected, target, delta, lam, margin, hinge, loss in CASES:
-        got = slic_loss(*(torch.tensor([v], dtype=dtype) for v in (chosen, rejected, target)), delta=delta, lambda_reg=lam)
+        got = slic_loss(*(torch.tensor([v], dtype=dtype) for v in (chosen, rejected, target)), delta=delta,
+                        lambda_reg=lam)
         assert [x.dtype for x in got] == [dtype] * 3 and all(x.shape == (1,) for x in got)
         assert [x.item() for x in got] == [loss, hinge, margin]  # dyadic: exact in both dtypes
 

@@ -34,7 +34,8 @@ def population_loss(logits, i, j, weights, delta, lam, target):
     """sum over ordered pairs of weight * slic_loss, with y_ref = `target` (an index per prompt)."""
     logp = torch.log_softmax(logits, -1)
     target_logp = logp.gather(-1, target[:, None]).expand(-1, len(i))
-    losses, hinge, margins = slic_loss(logp[:, i].reshape(-1), logp[:, j].reshape(-1), target_logp.reshape(-1), delta=delta, lambda_reg=lam)
+    losses, hinge, margins = slic_loss(logp[:, i].reshape(-1), logp[:, j].reshape(-1), target_logp.reshape(-1),
+                                       delta=delta, lambda_reg=lam)
     return (weights.reshape(-1) * losses).sum(), (weights.reshape(-1) * hinge).sum(), margins.view(N_PROMPTS, -1)
 
 
@@ -62,13 +63,15 @@ def descend_side_by_side(cases, steps=4000) -> dict:
     logits = torch.stack([problems[mu_name][0] for mu_name, _ in cases]).requires_grad_(True)  # (C, X, K)
     weights = torch.stack([problems[mu_name][4] for mu_name, _ in cases]).reshape(-1)
     best = torch.stack([problems[mu_name][1].argmax(-1) for mu_name, _ in cases])  # (C, X)
-    delta = torch.tensor([delta for _, delta in cases], dtype=torch.float64)[:, None, None].expand(-1, N_PROMPTS, len(i)).reshape(-1)
+    delta = (torch.tensor([delta for _, delta in cases], dtype=torch.float64)[:, None, None]
+             .expand(-1, N_PROMPTS, len(i)).reshape(-1))
     opt = torch.optim.Adam([logits], lr=0.02)
     for _ in range(steps):
         opt.zero_grad()
         logp = torch.log_softmax(logits, -1)
         target_logp = logp.gather(-1, best[..., None]).expand(-1, -1, len(i))
-        losses, _, _ = slic_loss(logp[..., i].reshape(-1), logp[..., j].reshape(-1), target_logp.reshape(-1), delta=delta, lambda_reg=0.0)
+        losses, _, _ = slic_loss(logp[..., i].reshape(-1), logp[..., j].reshape(-1), target_logp.reshape(-1),
+                                 delta=delta, lambda_reg=0.0)
         (weights * losses).sum().backward()
         opt.step()
     return dict(zip(cases, logits.detach()))

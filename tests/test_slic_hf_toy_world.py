@@ -14,10 +14,10 @@ import os
 
 import numpy as np
 import pytest
-from conftest import MEASURED
 
 import slic_hf
 import toy
+from conftest import MEASURED
 
 pytestmark = pytest.mark.slow  # trains for hundreds of steps and enumerates the toy world
 
@@ -26,11 +26,15 @@ world = toy.world
 
 @pytest.fixture(scope="module")
 def held_out():
-    """(prompt, index of chosen, index of rejected) in Y for each of the 512 held-out pairs, and r(chosen) - r(rejected)."""
+    """(prompt, index of chosen, index of rejected) in Y for each of the 512 held-out pairs, and
+    r(chosen) - r(rejected)."""
     with open(os.path.join(toy.TOY, "pairs", "test.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    pairs = [(r["prompt"][0]["content"], *(world.RESPONSE_INDEX[tuple(r[k][0]["content"].split())] for k in ("chosen", "rejected"))) for r in rows]
-    true_gap = np.array([world.reward(p, world.RESPONSES[c]) - world.reward(p, world.RESPONSES[r]) for p, c, r in pairs])
+    pairs = [(r["prompt"][0]["content"],
+              *(world.RESPONSE_INDEX[tuple(r[k][0]["content"].split())] for k in ("chosen", "rejected")))
+             for r in rows]
+    true_gap = np.array([world.reward(p, world.RESPONSES[c]) - world.reward(p, world.RESPONSES[r])
+                         for p, c, r in pairs])
     return pairs, true_gap
 
 
@@ -84,9 +88,12 @@ def test_slic_raises_the_reward_and_ranks_held_out_pairs_better(tmp_path, held_o
     kl = kl_from_reference(policy, reference)
     beta, frontier = best_reward_at_kl(reference, kl)
     MEASURED.append(
-        f"slic_hf.py, 1 epoch (delta=1, lambda=0.5): E[r] {reward_ref:.3f} -> {reward:.3f} at KL(pi || pi_ref) {kl:.3f}; the KL-regularised "
-        f"optimum (DPO's target) at that KL (beta={beta:.2f}) has E[r] {frontier:.3f}; held-out margin {before.mean():.3f} -> {after.mean():.3f}, "
-        f"label accuracy {np.mean(before > 0):.3f} -> {np.mean(after > 0):.3f}, true-order accuracy {truth_before:.3f} -> {truth_after:.3f}, "
+        f"slic_hf.py, 1 epoch (delta=1, lambda=0.5): E[r] {reward_ref:.3f} -> {reward:.3f} "
+        f"at KL(pi || pi_ref) {kl:.3f}; "
+        f"the KL-regularised optimum (DPO's target) at that KL (beta={beta:.2f}) has E[r] {frontier:.3f}; "
+        f"held-out margin {before.mean():.3f} -> {after.mean():.3f}, "
+        f"label accuracy {np.mean(before > 0):.3f} -> {np.mean(after > 0):.3f}, "
+        f"true-order accuracy {truth_before:.3f} -> {truth_after:.3f}, "
         f"pairs whose margin grew {np.mean(after > before):.1%}; mass outside Y {toy.bottom_mass(policy):.3f}")
     assert reward > reward_ref
     assert after.mean() > before.mean() and np.mean(after > 0) > np.mean(before > 0) and truth_after > truth_before
@@ -105,7 +112,8 @@ def test_regulariser_keeps_the_target_from_collapsing(tmp_path, held_out):
     for lam in (0.0, 0.5):
         policy = train(tmp_path, f"lambda{lam}", lambda_reg=lam, max_steps=200)
         drop[lam], leak[lam] = start - chosen_logps(policy, pairs).mean(), toy.bottom_mass(policy)
-    MEASURED.append(f"slic_hf.py, 200 steps: log pi(y_ref) of held-out chosen answers falls {drop[0.0]:.2f} nats with lambda=0 and "
-                    f"{drop[0.5]:.2f} with lambda=0.5; mass outside Y {leak[0.0]:.3f} vs {leak[0.5]:.3f}")
+    MEASURED.append(f"slic_hf.py, 200 steps: log pi(y_ref) of held-out chosen answers falls {drop[0.0]:.2f} nats "
+                    f"with lambda=0 and {drop[0.5]:.2f} with lambda=0.5; "
+                    f"mass outside Y {leak[0.0]:.3f} vs {leak[0.5]:.3f}")
     assert drop[0.0] > 1.0 and drop[0.5] < drop[0.0] / 2
     assert leak[0.0] > 2 * leak[0.5]

@@ -10,7 +10,8 @@ from spin import spin_loss
 
 
 def run(real, gen, opp_real, opp_gen, beta):
-    t = [torch.tensor([x], dtype=torch.float64, requires_grad=(i < 2)) for i, x in enumerate((real, gen, opp_real, opp_gen))]
+    t = [torch.tensor([x], dtype=torch.float64, requires_grad=(i < 2))
+         for i, x in enumerate((real, gen, opp_real, opp_gen))]
     return t, spin_loss(*t, beta)
 
 
@@ -22,7 +23,8 @@ def test_at_the_opponent_the_loss_is_log_2():
 
 @pytest.mark.parametrize("beta", [0.1, 1.0, 5.0])
 def test_values_by_hand(beta):
-    """real: log pi -2, log pi_t -3 -> log-ratio +1; generated: -6 vs -4 -> -2. h = 1 - (-2) = 3; loss = softplus(-3 beta)."""
+    """real: log pi -2, log pi_t -3 -> log-ratio +1; generated: -6 vs -4 -> -2. h = 1 - (-2) = 3;
+    loss = softplus(-3 beta)."""
     _, (losses, rr, gr) = run(-2.0, -6.0, -3.0, -4.0, beta)
     assert losses.item() == pytest.approx(softplus(-3 * beta), abs=1e-12)
     assert rr.item() == pytest.approx(beta * 1.0) and gr.item() == pytest.approx(beta * -2.0)
@@ -33,7 +35,8 @@ def test_gradient_by_hand():
     (real, gen, *_), (losses, _, _) = run(-2.0, -6.0, -3.0, -4.0, 0.5)
     losses.sum().backward()
     s = 1 / (1 + math.exp(1.5))
-    assert real.grad.item() == pytest.approx(-0.5 * s, abs=1e-12) and gen.grad.item() == pytest.approx(0.5 * s, abs=1e-12)
+    assert (real.grad.item() == pytest.approx(-0.5 * s, abs=1e-12)
+            and gen.grad.item() == pytest.approx(0.5 * s, abs=1e-12))
 
 
 def test_extreme_log_ratios_stay_finite():

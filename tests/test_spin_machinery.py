@@ -1,8 +1,8 @@
 """spin.py's data, self-play generation and loop: SFT formats and named errors, the opponent's log-probs, what each
 iteration saves, resuming at an iteration, determinism, the previous-iteration flag, non-finite steps and the command
-line. Helpers it shares with dpo.py and ppo_rlhf.py are byte-identical copies (test_copies_identical.py), tested there."""
+line. Helpers it shares with dpo.py and ppo_rlhf.py are byte-identical copies
+(test_copies_identical.py), tested there."""
 
-import contextlib
 import json
 import math
 
@@ -16,13 +16,16 @@ from transformers import AutoModelForCausalLM
 import spin
 from helpers import N_TRAIN, assert_same_weights, cached_runner, python
 
-BASE = dict(num_iterations=2, previous_iteration_data=False, max_steps=2, per_device_train_batch_size=16, per_device_eval_batch_size=16, logging_steps=1000, device="cpu")
+BASE = dict(num_iterations=2, previous_iteration_data=False, max_steps=2, per_device_train_batch_size=16,
+            per_device_eval_batch_size=16, logging_steps=1000, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def train_run(tmp_path_factory, toy_model_dir, sft_dir):
-    """train_run(fresh=False, **overrides): spin.train on the snapshots, 2 iterations of 2 steps (helpers.cached_runner)."""
-    return cached_runner(spin, tmp_path_factory, **BASE, model_name_or_path=str(toy_model_dir), dataset_name=str(sft_dir))
+    """train_run(fresh=False, **overrides): spin.train on the snapshots, 2 iterations of 2 steps
+    (helpers.cached_runner)."""
+    return cached_runner(spin, tmp_path_factory, **BASE, model_name_or_path=str(toy_model_dir),
+                         dataset_name=str(sft_dir))
 
 
 def without_timing(metrics: dict) -> dict:
@@ -52,7 +55,8 @@ def rows_of(texts, tokenizer):
 def test_the_three_sft_layouts_give_the_same_tokens(toy_tokenizer):
     """Conversational prompt/completion and a `messages` column render through the chat template alike; text
     prompt/completion, written as the template would render it, tokenizes to the same real sequence."""
-    chat = [{"prompt": [{"role": "user", "content": "how was the food ?"}], "completion": [{"role": "assistant", "content": "great food"}]}]
+    chat = [{"prompt": [{"role": "user", "content": "how was the food ?"}],
+             "completion": [{"role": "assistant", "content": "great food"}]}]
     messages = [{"messages": chat[0]["prompt"] + chat[0]["completion"]}]
     text = [{"prompt": "<|user|> how was the food ? <|assistant|>", "completion": " great food <|end|>"}]
     a, b, c = (rows_of(x, toy_tokenizer)[0] for x in (chat, messages, text))
@@ -61,7 +65,8 @@ def test_the_three_sft_layouts_give_the_same_tokens(toy_tokenizer):
 
 
 @pytest.mark.parametrize("row, match", [
-    ({"prompt": [{"role": "user", "content": "how was the food ?"}], "completion": "great food"}, "row 0: column 'completion' should be a list"),
+    ({"prompt": [{"role": "user", "content": "how was the food ?"}], "completion": "great food"},
+     "row 0: column 'completion' should be a list"),
     ({"messages": [{"role": "user", "content": "how was the food ?"}]}, "row 0: 'messages' should be a list of"),
 ])
 def test_malformed_rows_stop_naming_row_and_column(toy_tokenizer, row, match):
@@ -75,7 +80,8 @@ def test_missing_columns_are_named():
 
 
 def test_empty_rows_are_counted(toy_tokenizer, capsys):
-    rows = rows_of([{"prompt": "", "completion": "a"}, {"prompt": "how was the food ?", "completion": "good"}], toy_tokenizer)
+    rows = rows_of([{"prompt": "", "completion": "a"}, {"prompt": "how was the food ?", "completion": "good"}],
+                   toy_tokenizer)
     out = capsys.readouterr().out
     assert len(rows) == 1 and "train: 1 SFT rows kept of 2" in out and "empty prompt or answer: 1" in out
 
@@ -85,7 +91,8 @@ def test_generations_are_the_opponents_samples_and_reproducible(toy_model_dir, t
     """Each pair is (real, generated) with the generation after the prompt, at most max_new_tokens long, ending at
     <eos> when it has one; the same (seed, iteration) regenerates the same data, another iteration other data."""
     model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
-    sft = spin.tokenize_sft(spin.load_splits(str(sft_dir), None, "train", "test", 0, 1)[0], toy_tokenizer, 512, 256, "train")
+    sft = spin.tokenize_sft(spin.load_splits(str(sft_dir), None, "train", "test", 0, 1)[0], toy_tokenizer, 512, 256,
+                            "train")
     args = spin.Args(device="cpu")
     runtime = spin.Runtime(0, 1, torch.device("cpu"), bf16=False)
     make = lambda t: spin.self_play_pairs(spin.Forward(model), sft, toy_tokenizer, 0, args, t, "train", runtime)  # noqa: E731
@@ -96,7 +103,8 @@ def test_generations_are_the_opponents_samples_and_reproducible(toy_model_dir, t
         gen = p["rejected"][p["rejected_start"]:]
         assert p["chosen"] == row["real"] and p["rejected"][: p["rejected_start"]] == row["prompt"]
         assert 1 <= len(gen) <= args.max_new_tokens and (eos not in gen or gen.index(eos) == len(gen) - 1)
-    assert stats["generation/length"] == pytest.approx(sum(len(p["rejected"]) - p["rejected_start"] for p in pairs) / len(pairs))
+    assert stats["generation/length"] == pytest.approx(sum(len(p["rejected"]) - p["rejected_start"] for p in pairs)
+                                                       / len(pairs))
 
 
 def test_each_iteration_starts_at_the_opponent(train_run, monkeypatch):
@@ -150,7 +158,8 @@ def test_metrics(train_run):
     m = train_run().metrics
     assert m["train/iteration"] == 1
     for split in ("train", "eval"):
-        assert m[f"{split}/rewards/margin"] == pytest.approx(m[f"{split}/rewards/real"] - m[f"{split}/rewards/generated"], abs=1e-6)
+        assert m[f"{split}/rewards/margin"] == pytest.approx(
+            m[f"{split}/rewards/real"] - m[f"{split}/rewards/generated"], abs=1e-6)
     assert 0 <= m["generation/identical"] <= 1 and 0 < m["generation/length"] <= 5
     assert math.isfinite(m["eval/loss"]) and 0 <= m["eval/rewards/accuracy"] <= 1
 
@@ -168,12 +177,14 @@ def test_help_lists_the_method_flags_and_import_is_silent():
     result = python("spin.py", "--help")
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.startswith("usage: spin.py")
-    assert all(f in result.stdout for f in ("--beta", "--num_iterations", "--previous_iteration_data", "--max_new_tokens", "--temperature"))
+    assert all(f in result.stdout for f in ("--beta", "--num_iterations", "--previous_iteration_data",
+                                            "--max_new_tokens", "--temperature"))
 
 
 @pytest.mark.slow  # starts a process: `python spin.py --max_steps 5 --num_iterations 2`
 def test_default_command_runs(tmp_path):
-    """The default command on the whole toy world, 2 iterations of 5 steps (the full default run: benchmarks/toy_defaults.py)."""
+    """The default command on the whole toy world, 2 iterations of 5 steps (the full default run:
+    benchmarks/toy_defaults.py)."""
     result = python("spin.py", "--max_steps", "5", "--num_iterations", "2", "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train: 2048 SFT rows kept of 2048" in result.stdout and "iteration 1, step 5:" in result.stdout
@@ -190,6 +201,7 @@ def test_track_logs_metrics_and_sample_generations_to_wandb_offline(train_run, t
     wandb.teardown()  # waits for wandb's service to write the run out
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     data = record.read_bytes()
-    for key in ("train/rewards/real", "train/iteration", "eval/rewards/margin", "generation/identical", "previous_iteration_data"):
+    for key in ("train/rewards/real", "train/iteration", "eval/rewards/margin", "generation/identical",
+                "previous_iteration_data"):
         assert key.encode() in data
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/generation/samples_*.table.json"))

@@ -35,10 +35,12 @@ def population_loss(theta: torch.Tensor, log_opponent: torch.Tensor, log_p: torc
 
 
 def minimise(log_opponent: np.ndarray, beta: float) -> np.ndarray:
-    """The minimiser of one iteration's population loss, by L-BFGS from the opponent (the loss is convex in the logits)."""
+    """The minimiser of one iteration's population loss, by L-BFGS from the opponent (the loss is convex in the
+    logits)."""
     lo, lp = torch.tensor(log_opponent), torch.tensor(np.log(P_DATA))
     theta = lo.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -68,7 +70,8 @@ def test_one_iteration_minimiser_is_theorem_5_4(beta):
 
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_p_data_is_a_fixed_point(beta):
-    """With pi_t = p_data the real and generated answers are one distribution: the loss is minimised by changing nothing."""
+    """With pi_t = p_data the real and generated answers are one distribution: the loss is minimised by changing
+    nothing."""
     got = minimise(np.log(P_DATA), beta)
     assert tv(got) < 1e-6
     assert tv(exact_step(np.log(P_DATA), beta)) < 1e-12
@@ -80,12 +83,14 @@ def centred(e: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("beta", [0.75, 1.0, 2.0])
 def test_beta_above_one_half_converges(beta):
-    """The centred log error shrinks by exactly (1 - 1/beta) an iteration; after 60 iterations TV < 1e-2 (at beta = 0.75,
-    |1 - 1/beta| = 1/3, so 60 iterations leave 1e-29 of the starting error; beta = 1 lands on p_data in one step)."""
+    """The centred log error shrinks by exactly (1 - 1/beta) an iteration; after 60 iterations TV < 1e-2
+    (at beta = 0.75, |1 - 1/beta| = 1/3, so 60 iterations leave 1e-29 of the starting error; beta = 1 lands on p_data in
+    one step)."""
     log_pi = np.log(PI_0)
     for _ in range(60):
         nxt = exact_step(log_pi, beta)
-        np.testing.assert_allclose(centred(nxt - np.log(P_DATA)), (1 - 1 / beta) * centred(log_pi - np.log(P_DATA)), atol=1e-9)
+        np.testing.assert_allclose(centred(nxt - np.log(P_DATA)), (1 - 1 / beta) * centred(log_pi - np.log(P_DATA)),
+                                   atol=1e-9)
         log_pi = nxt
     assert tv(log_pi) < 1e-2
 
@@ -108,10 +113,10 @@ def test_beta_below_one_half_overshoots_and_does_not_settle(beta):
 
 def test_practical_recipe_approaches_p_data_at_beta_0_1():
     """The practical recipe: each iteration starts from the previous iterate (pi_t as opponent) and takes a few gradient
-    steps on the population loss, not the exact minimum. At h = 0 the gradient in the logits is -(beta/2)(p_data - pi_t),
-    so a small budget is a damped step toward p_data. At beta = 0.1, 10 steps of SGD at lr 10 an iteration: TV falls at
-    every iteration, 0.748 -> 0.026 after 10 (measured). (Larger budgets, lr 30-100, approach the exact minimiser and
-    swing like it: TV 0.75 -> 0.48 -> 0.44 -> 0.51 -> ...)"""
+    steps on the population loss, not the exact minimum. At h = 0 the gradient in the logits is
+    -(beta/2)(p_data - pi_t), so a small budget is a damped step toward p_data. At beta = 0.1, 10 steps of SGD at lr 10
+    an iteration: TV falls at every iteration, 0.748 -> 0.026 after 10 (measured). (Larger budgets, lr 30-100, approach
+    the exact minimiser and swing like it: TV 0.75 -> 0.48 -> 0.44 -> 0.51 -> ...)"""
     beta, log_pi = 0.1, np.log(PI_0)
     tvs = [tv(log_pi)]
     for _ in range(10):

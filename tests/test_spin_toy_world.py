@@ -9,10 +9,10 @@ exact, over all 41,371 answers and BOTTOM.
 import numpy as np
 import pytest
 import torch
-from conftest import MEASURED
 
 import spin
 import toy
+from conftest import MEASURED
 
 pytestmark = pytest.mark.slow  # trains SFT and SPIN iterations for hundreds of steps and enumerates the toy world
 
@@ -36,18 +36,22 @@ def sft(out, steps: int, args: spin.Args) -> None:
     torch.manual_seed(args.seed)
     model, tok = toy.load(toy.os.path.join(toy.TOY, "model"))
     model.train()
-    rows = spin.tokenize_sft(spin.load_splits(args.dataset_name, None, "train", "test", 0, args.seed)[0], tok, 512, 256, "train")
-    pairs = [{"chosen": r["real"], "chosen_start": r["real_start"], "rejected": r["real"], "rejected_start": r["real_start"], "index": i}
+    rows = spin.tokenize_sft(spin.load_splits(args.dataset_name, None, "train", "test", 0, args.seed)[0], tok, 512, 256,
+                             "train")
+    pairs = [{"chosen": r["real"], "chosen_start": r["real_start"], "rejected": r["real"],
+              "rejected_start": r["real_start"], "index": i}
              for i, r in enumerate(rows)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     warmup = int(0.1 * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else (steps - s) / (steps - warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else (steps - s) / (steps - warmup))
     per_epoch = len(pairs) // args.per_device_train_batch_size
     for step in range(steps):
         order = spin.batch_order(pairs, args.per_device_train_batch_size, args.seed, step // per_epoch, True)
         batch = spin.collate([pairs[j] for j in order[step % per_epoch]], tok.pad_token_id)
         half = len(batch["input_ids"]) // 2  # the real answers; the collate's second half repeats them
-        sums, counts = spin.sequence_logps(model, *(batch[k][:half] for k in ("input_ids", "attention_mask", "targets")))
+        sums, counts = spin.sequence_logps(model,
+                                           *(batch[k][:half] for k in ("input_ids", "attention_mask", "targets")))
         loss = -sums.sum() / counts.sum()
         optimizer.zero_grad()
         loss.backward()
@@ -65,12 +69,15 @@ def test_spin_closes_the_gap_to_p_data_at_every_iteration(tmp_path):
     uniforms): 0.851, 0.647, 0.606. Plain SFT for the same 320 steps is reported beside it."""
     args = spin.Args(output_dir=str(tmp_path / "spin"), logging_steps=10_000, device="cpu")
     spin.train(args)
-    iterates = [toy.reference_logprobs()] + [toy.exact_logprobs(tmp_path / "spin" / f"iteration-{k}") for k in (1, 2, 3)]
+    iterates = [toy.reference_logprobs()] + [toy.exact_logprobs(tmp_path / "spin" / f"iteration-{k}")
+                                             for k in (1, 2, 3)]
     tvs, final = [tv_to_p_data(policy) for policy in iterates], iterates[-1]  # the final model is iteration 3's
     sft(tmp_path / "sft", 64 + 128 + 128, args)
     sft_policy = toy.exact_logprobs(tmp_path / "sft")
-    MEASURED.append(f"python spin.py (beta={args.beta:g}, 3 iterations): TV(pi, p_data) " + " -> ".join(f"{x:.3f}" for x in tvs)
-                    + f"; mass outside Y {toy.bottom_mass(final):.3f}. Plain SFT, same data and 320 steps: TV {tv_to_p_data(sft_policy):.3f}, "
+    MEASURED.append(f"python spin.py (beta={args.beta:g}, 3 iterations): TV(pi, p_data) "
+                    + " -> ".join(f"{x:.3f}" for x in tvs)
+                    + f"; mass outside Y {toy.bottom_mass(final):.3f}. "
+                    f"Plain SFT, same data and 320 steps: TV {tv_to_p_data(sft_policy):.3f}, "
                     f"mass outside Y {toy.bottom_mass(sft_policy):.3f}")
     assert all(b < a for a, b in zip(tvs, tvs[1:]))
     assert tvs[-1] < tvs[0] - 0.5 * (0.953 - 0.562)  # at least half the measured gain

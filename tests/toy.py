@@ -40,11 +40,13 @@ def reference_logprobs() -> dict[str, np.ndarray]:
 
 def kl_to_optimum(policy: dict, ref: dict, beta: float) -> float:
     """KL(pi || pi_ref exp(r/beta)/Z), averaged over the toy prompts."""
-    return float(np.mean([world.kl(policy[p], world.optimum_logprobs(ref[p], world.reward_vector(p), beta)) for p in world.PROMPTS]))
+    return float(np.mean([world.kl(policy[p], world.optimum_logprobs(ref[p], world.reward_vector(p), beta))
+                          for p in world.PROMPTS]))
 
 
 def expected_reward(policy: dict) -> float:
-    return float(np.mean([world.summarize(policy[p], world.reward_vector(p))["expected_reward"] for p in world.PROMPTS]))
+    return float(np.mean([world.summarize(policy[p], world.reward_vector(p))["expected_reward"]
+                          for p in world.PROMPTS]))
 
 
 def on_answers(logp: np.ndarray) -> np.ndarray:
@@ -54,7 +56,9 @@ def on_answers(logp: np.ndarray) -> np.ndarray:
 
 def kl_to_optimum_on_answers(policy: dict, ref: dict, beta: float) -> float:
     """KL(pi(.|Y) || pi*(.|Y)), averaged over prompts: what DPO pins down when the data live in Y."""
-    return float(np.mean([world.kl(on_answers(policy[p]), world.optimum_logprobs(on_answers(ref[p]), world.reward_vector(p)[:-1], beta)) for p in world.PROMPTS]))
+    return float(np.mean([world.kl(on_answers(policy[p]),
+                                   world.optimum_logprobs(on_answers(ref[p]), world.reward_vector(p)[:-1], beta))
+                          for p in world.PROMPTS]))
 
 
 def bottom_mass(policy: dict) -> float:
@@ -62,7 +66,8 @@ def bottom_mass(policy: dict) -> float:
 
 
 def win_rate_against_reference(prompt: str, ref: dict) -> np.ndarray:
-    """p(y > mu | x) = E_{y'~mu} sigmoid(r(y) - r(y')) over Y, with mu = pi_ref(.|Y), the answers' sampling distribution.
+    """p(y > mu | x) = E_{y'~mu} sigmoid(r(y) - r(y')) over Y, with mu = pi_ref(.|Y), the answers' sampling
+    distribution.
 
     r takes a few dozen distinct values, so the sum runs over reward levels rather than over all 41,371 answers.
     """
@@ -74,4 +79,5 @@ def win_rate_against_reference(prompt: str, ref: dict) -> np.ndarray:
 
 def ipo_optimum_on_answers(ref: dict, beta: float) -> dict[str, np.ndarray]:
     """IPO's population minimiser on Y: pi*(y) ∝ pi_ref(y|Y) exp(p(y > mu)/beta), per prompt (arXiv:2310.12036)."""
-    return {p: world.optimum_logprobs(on_answers(ref[p]), win_rate_against_reference(p, ref), beta) for p in world.PROMPTS}
+    return {p: world.optimum_logprobs(on_answers(ref[p]), win_rate_against_reference(p, ref), beta)
+            for p in world.PROMPTS}

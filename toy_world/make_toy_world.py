@@ -178,7 +178,8 @@ def main() -> None:
         prompts, _ = sample(n)
         for a in prompts:
             prompt = world.PROMPTS[a]
-            answers = [world.RESPONSES[i] for i in rng.choice(len(world.RESPONSES), size=int(rng.integers(2, 5)), p=probs[prompt])]
+            draws = rng.choice(len(world.RESPONSES), size=int(rng.integers(2, 5)), p=probs[prompt])
+            answers = [world.RESPONSES[i] for i in draws]
             rows.append({"prompt": [{"role": "user", "content": prompt}],
                          "completions": [[{"role": "assistant", "content": text(y)}] for y in answers],
                          "scores": [world.reward(prompt, y) for y in answers]})
@@ -189,10 +190,12 @@ def main() -> None:
         for a in rng.integers(len(world.PROMPTS), size=n):
             dist = world.sft_answer_distribution(world.PROMPTS[a])
             y = list(dist)[rng.choice(len(dist), p=list(dist.values()))]
-            rows.append({"prompt": [{"role": "user", "content": world.PROMPTS[a]}], "completion": [{"role": "assistant", "content": text(y)}]})
+            rows.append({"prompt": [{"role": "user", "content": world.PROMPTS[a]}],
+                         "completion": [{"role": "assistant", "content": text(y)}]})
         return rows
 
-    chat = lambda prompt: tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)  # noqa: E731
+    chat = lambda prompt: tokenizer.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     for split, n in (("train", N_TRAIN_PAIRS), ("test", N_TEST_PAIRS)):
         rows = pairs(n)
         write_jsonl(os.path.join(HERE, "pairs", f"{split}.jsonl"), [
@@ -208,7 +211,8 @@ def main() -> None:
     for split, n in (("train", N_TRAIN_SFT), ("test", N_TEST_SFT)):
         write_jsonl(os.path.join(HERE, "sft", f"{split}.jsonl"), sft(n))
     for split in ("train", "test"):
-        write_jsonl(os.path.join(HERE, "prompts", f"{split}.jsonl"), [{"prompt": [{"role": "user", "content": p}]} for p in world.PROMPTS])
+        write_jsonl(os.path.join(HERE, "prompts", f"{split}.jsonl"),
+                    [{"prompt": [{"role": "user", "content": p}]} for p in world.PROMPTS])
     print(f"toy world written to {HERE} in {time.time() - t0:.1f}s")
 
 

@@ -138,7 +138,8 @@ def sft_answer_distribution(prompt: str) -> dict[tuple[str, ...], float]:
 
 # ---------------------------------------------------------------- exact enumeration under a model
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -149,7 +150,8 @@ def prefixes(k: int) -> np.ndarray:
 
 def prefix_codes(seqs: np.ndarray) -> np.ndarray:
     """Row index of each sequence within `prefixes(k)`: its words read as a base-14 number."""
-    return seqs @ (len(WORDS) ** np.arange(seqs.shape[1] - 1, -1, -1)) if seqs.shape[1] else np.zeros(len(seqs), np.int64)
+    return (seqs @ (len(WORDS) ** np.arange(seqs.shape[1] - 1, -1, -1)) if seqs.shape[1]
+            else np.zeros(len(seqs), np.int64))
 
 
 @torch.no_grad()
