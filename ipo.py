@@ -481,7 +481,11 @@ FORMATS = (
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
-    """Tokenize every pair; skipped rows are counted by reason and reported, never dropped silently."""
+    """Tokenize every pair; skipped rows are counted by reason and reported, never dropped silently.
+
+    A kept pair holds its chosen and rejected ids (prompt + response) with where each response starts, its `index`
+    among the kept pairs and its `row` in the dataset.
+    """
     rows, skipped, truncated, empty = [], Counter(), 0, 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
         texts = row_texts(row, i, tokenizer)
