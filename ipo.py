@@ -182,6 +182,7 @@ def train(args: Args) -> dict:
 
     # ---- data: preference pairs, tokenized once; then the reference's log-probs of them, if asked
     train_rows, eval_rows = load_pairs(args, tokenizer)
+    check_log_probs(policy, train_rows[0]["chosen"], train_rows[0]["chosen_start"], runtime)  # a known LM head
     batches = TrainBatches(train_rows, args, runtime)
     if args.precompute_ref_logps and ref_logps is None:  # one pass of the reference over every pair, then free it
         ref_logps = {split: precompute_ref_logps(ref_model, rows, args.per_device_eval_batch_size, pad_id, runtime)
@@ -273,13 +274,16 @@ def train(args: Args) -> dict:
 #   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
 # - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
 #   start of its responses.
-# - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). A reference model runs in
-#   the policy's dtype and autocast, so the policy's log-ratio to it is exactly 0 at step 0.
+# - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
+#   model, and a reference model runs in the policy's dtype and autocast, so the policy's log-ratio to it is exactly
+#   0 at step 0.
 # - Several processes. `torchrun --nproc_per_node N X.py` runs DDP, or FSDP2 with --fsdp (sharded per decoder layer);
 #   a plain `python X.py` is one process with no distributed set-up. Batch sizes are per process. The data order
 #   depends only on the seed and the global batch; each global micro-batch is cut into N equal parts (stand-in rows,
-#   weighted 0, fill a short one); losses are scaled so that DDP's gradient average is the mean over the global
-#   batch. So N processes run the one-process run with the same global batch. Rank 0 prints, logs and writes.
+#   weighted 0, fill a short one); losses are scaled so that the gradient is the mean over every row of the optimizer
+#   step, whatever the sizes of its micro-batches (an epoch's last one is short unless the batch divides the data; it
+#   is trained on, and a step may run across an epoch's end). So N processes run the one-process run with the same
+#   global batch. Rank 0 prints, logs and writes.
 # - Saving. output_dir receives the final model (save_pretrained: weights, tokenizer, args.json), which loads with
 #   from_pretrained. --save_steps N also writes output_dir/checkpoint-N with the optimizer, scheduler and every rank's
 #   RNG state, from which --resume_from continues the same trajectory. A non-finite loss or gradient norm stops the
@@ -299,7 +303,7 @@ class Runtime:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def seed_per_rank(self, seed: int) -> None:
-        """Once the models have loaded alike on every rank, each rank draws its own random stream (dropout)."""
+        """Once the models have loaded alike on every rank, each rank draws its own random stream."""
         if self.world > 1:
             seed_everything(seed + 100_003 * self.rank)
 
@@ -365,10 +369,12 @@ def load_tokenizer(path: str):
 def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=AutoModelForCausalLM, **kwargs):
     """A float32 model on this process's device, wrapped for several processes (`wrap`).
 
-    A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a frozen one is put
-    in eval mode without gradients.
+    Dropout is off in every model, trained or frozen, as in TRL and the papers' code: with it, two passes over the
+    same tokens differ, so the policy would not start equal to its reference. A trained model gets gradient
+    checkpointing if asked and no KV cache in its forward passes; a frozen one is put in eval mode without gradients.
     """
     model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs).to(runtime.device)
+    disable_dropout(model)
     if trained:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -376,6 +382,15 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     else:
         model.eval().requires_grad_(False)
     return wrap(model, runtime.world, args.fsdp, runtime.bf16, trained=trained)
+
+
+def disable_dropout(model) -> None:
+    """Sets every dropout probability of the model to 0: its nn.Dropout modules and its attention modules' own."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules' functional dropout
+            module.attention_dropout = 0.0
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -617,26 +632,32 @@ class TrainBatches:
         self.seed, self.group_by_length, self.epoch_offset = args.seed, args.group_by_length, epoch_offset
         self.accumulation = args.gradient_accumulation_steps
         self.batch_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
-        batches_per_epoch = math.ceil(len(rows) / self.batch_size)
-        if batches_per_epoch < self.accumulation:
-            raise ValueError(f"{len(rows)} training rows make {batches_per_epoch} micro-batches of {self.batch_size}, "
-                             f"fewer than gradient_accumulation_steps={self.accumulation}")
-        self.steps_per_epoch = batches_per_epoch // self.accumulation
-        self.total_steps = args.max_steps if args.max_steps > 0 else self.steps_per_epoch * args.num_train_epochs
+        self.batches_per_epoch = math.ceil(len(rows) / self.batch_size)  # the last one short unless it divides
+        if self.batches_per_epoch < self.accumulation:
+            raise ValueError(f"{len(rows)} training rows make {self.batches_per_epoch} micro-batches of "
+                             f"{self.batch_size}, fewer than gradient_accumulation_steps={self.accumulation}")
+        # every micro-batch of every epoch is trained on: a step takes the next `accumulation` of them, across an
+        # epoch boundary if need be, and the run's last step takes what is left
+        self.total_batches = (args.max_steps * self.accumulation if args.max_steps > 0
+                              else self.batches_per_epoch * args.num_train_epochs)
+        self.total_steps = math.ceil(self.total_batches / self.accumulation)
         self.orders: dict[int, list[list[int]]] = {}
 
     def of_step(self, step: int):
-        """The MicroBatch of each of the gradient_accumulation_steps micro-batches of optimizer step `step`."""
-        per_epoch = self.steps_per_epoch * self.accumulation
-        for m in range(self.accumulation):
-            epoch, i = divmod(step * self.accumulation + m, per_epoch)
+        """The MicroBatch of each micro-batch of optimizer step `step` (gradient_accumulation_steps of them, fewer in
+        the run's last step); each knows the step's number of rows, so that the step's gradient is their mean."""
+        numbers = range(step * self.accumulation, min((step + 1) * self.accumulation, self.total_batches))
+        micro_batches = []
+        for number in numbers:
+            epoch, i = divmod(number, self.batches_per_epoch)
             if epoch not in self.orders:
                 self.orders[epoch] = batch_order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
                                                  self.group_by_length)
-            rows = [self.rows[j] for j in self.orders[epoch][i]]
+            micro_batches.append(([self.rows[j] for j in self.orders[epoch][i]], epoch + i / self.batches_per_epoch))
+        step_rows = sum(len(rows) for rows, _ in micro_batches)  # real rows of the step over all ranks
+        for m, (rows, epoch) in enumerate(micro_batches):
             share, n = rank_share(rows, self.runtime.rank, self.runtime.world)
-            yield MicroBatch(share, n, len(rows), m == self.accumulation - 1, epoch + i / per_epoch,
-                             self.accumulation, self.runtime.world)
+            yield MicroBatch(share, n, m == len(micro_batches) - 1, epoch, step_rows, self.runtime.world)
 
 
 def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
@@ -676,16 +697,15 @@ class MicroBatch:
 
     rows: list
     n: int
-    global_n: int  # real rows over all ranks
     last: bool  # the optimizer step's last micro-batch, after which the ranks' gradients are reduced
     epoch: float  # fractional epoch
-    accumulation: int
+    step_rows: int  # real rows in the whole optimizer step: every micro-batch's, over all ranks
     world: int
 
     def global_mean(self, losses: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the step's mean loss over every rank's rows: DDP averages the ranks' gradients, so
-        each rank's sum is scaled by the number of processes."""
-        return losses[: self.n].sum() * self.world / (self.global_n * self.accumulation)
+        """This rank's share of the step's mean loss over every row of the step, whatever the sizes of its
+        micro-batches: DDP averages the ranks' gradients, so each rank's sum is scaled by the number of processes."""
+        return losses[: self.n].sum() * self.world / self.step_rows
 
     def real_tokens(self, attention_mask: torch.Tensor) -> int:
         """Non-padding tokens of the real rows, in a batch that stacks k sequences per row as k blocks of rows."""
@@ -767,18 +787,50 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 next-token logits from final hidden states, (..., H) -> (..., V), as the model's own forward makes them.
 
-    Every log-prob in these scripts goes through here, so each model family's treatment of its logits is applied once.
+    Every log-prob in these scripts goes through here, so each model family's treatment of its logits is applied once;
+    check_log_probs stops a run whose model family does something else.
     """
     logits = model.get_output_embeddings()(hidden).float()
     config = model.config.get_text_config()
-    if getattr(config, "logits_scaling", None):  # Granite divides them
+    if getattr(config, "logits_scaling", None) and "hyperclovax" in config.model_type:  # HyperCLOVA X multiplies them
+        logits = logits * config.logits_scaling
+    elif getattr(config, "logits_scaling", None):  # Granite divides them
         logits = logits / config.logits_scaling
+    if getattr(config, "lm_head_multiplier", None):  # Falcon-H1 multiplies them
+        logits = logits * config.lm_head_multiplier
     if getattr(config, "logit_scale", None):  # Cohere multiplies them
         logits = logits * config.logit_scale
     if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
         cap = config.final_logit_softcapping
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@torch.no_grad()
+def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) -> None:
+    """Stop before training if this file's log-probs (the model's body, then lm_logits) of one sequence's first 64
+    response tokens differ from log_softmax of the model's own logits by more than 0.05 nats a token on average.
+
+    bf16 stays far inside that; a model family whose logits lm_logits does not treat is off by nats. Every rank calls.
+    """
+    input_ids = torch.tensor([sequence[: start + 64]], device=runtime.device)
+    with runtime.autocast():
+        gap = model(log_prob_gap, input_ids, start)
+    if gap > 0.05:
+        config = unwrap(model).config
+        raise ValueError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
+                         f"differ from the model's own logits by {gap:.3f} nats a token. Its LM head's output is "
+                         "scaled in a way lm_logits does not know; add the model family there.")
+
+
+def log_prob_gap(model, input_ids: torch.Tensor, start: int) -> float:
+    """Mean |difference| over input_ids[0, start:] of lm_logits' log-probs and those of the model's own forward."""
+    targets = input_ids[0, start:, None]  # (R, 1): the response tokens
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state[0, start - 1 : -1]  # (R, H)
+    ours = torch.log_softmax(lm_logits(model, hidden), -1).gather(-1, targets)
+    logits = model(input_ids=input_ids, logits_to_keep=len(targets) + 1).logits[0, :-1].float()  # (R, V)
+    theirs = torch.log_softmax(logits, -1).gather(-1, targets)
+    return (ours - theirs).abs().mean().item()
 
 
 def ref_pair_logps(ref_model, precomputed: Optional[dict], batch: dict, split: str,

@@ -364,12 +364,11 @@ def train(args: Args) -> dict:
         value_path = rm_path if args.value_model_init == "reward_model" else policy_path
         value_model = load_model(os.path.join(policy_path, "value_model") if args.resume_from else value_path, args,
                                  runtime, trained=True, model_class=AutoModelForSequenceClassification, num_labels=1)
-    for model in (policy, ref_model, reward_model, value_model):
-        disable_dropout(model)
     trained = torch.nn.ModuleList([m for m in (policy, value_model) if m is not None])
 
     # ---- data: prompts, tokenized once; each rollout draws the next ones, each with its own uniforms to sample from
     train_prompts, eval_prompts = load_prompts(args, tokenizer)
+    check_log_probs(policy, train_prompts[0], max(1, len(train_prompts[0]) - 64), runtime)  # a known LM head
     rollouts = RolloutPrompts(train_prompts, args, runtime, samples_per_prompt=args.rloo_k if rloo else 1)
     minibatches = Minibatches(rollouts.batch_size, args, runtime)
     total_steps = args.num_rollouts * args.num_ppo_epochs * minibatches.per_epoch  # optimizer steps
@@ -546,13 +545,16 @@ def train(args: Args) -> dict:
 #   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
 # - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
 #   start of its responses.
-# - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). A reference model runs in
-#   the policy's dtype and autocast, so the policy's log-ratio to it is exactly 0 at step 0.
+# - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
+#   model, and a reference model runs in the policy's dtype and autocast, so the policy's log-ratio to it is exactly
+#   0 at step 0.
 # - Several processes. `torchrun --nproc_per_node N X.py` runs DDP, or FSDP2 with --fsdp (sharded per decoder layer);
 #   a plain `python X.py` is one process with no distributed set-up. Batch sizes are per process. The data order
 #   depends only on the seed and the global batch; each global micro-batch is cut into N equal parts (stand-in rows,
-#   weighted 0, fill a short one); losses are scaled so that DDP's gradient average is the mean over the global
-#   batch. So N processes run the one-process run with the same global batch. Rank 0 prints, logs and writes.
+#   weighted 0, fill a short one); losses are scaled so that the gradient is the mean over every row of the optimizer
+#   step, whatever the sizes of its micro-batches (an epoch's last one is short unless the batch divides the data; it
+#   is trained on, and a step may run across an epoch's end). So N processes run the one-process run with the same
+#   global batch. Rank 0 prints, logs and writes.
 # - Saving. output_dir receives the final model (save_pretrained: weights, tokenizer, args.json), which loads with
 #   from_pretrained. --save_steps N also writes output_dir/checkpoint-N with the optimizer, scheduler and every rank's
 #   RNG state, from which --resume_from continues the same trajectory. A non-finite loss or gradient norm stops the
@@ -572,7 +574,7 @@ class Runtime:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def seed_per_rank(self, seed: int) -> None:
-        """Once the models have loaded alike on every rank, each rank draws its own random stream (dropout)."""
+        """Once the models have loaded alike on every rank, each rank draws its own random stream."""
         if self.world > 1:
             seed_everything(seed + 100_003 * self.rank)
 
@@ -646,10 +648,12 @@ def check_same_tokenizer(rm_path: str, tokenizer) -> None:
 def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=AutoModelForCausalLM, **kwargs):
     """A float32 model on this process's device, wrapped for several processes (`wrap`).
 
-    A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a frozen one is put
-    in eval mode without gradients.
+    Dropout is off in every model, trained or frozen, as in TRL and the papers' code: with it, two passes over the
+    same tokens differ, so the policy would not start equal to its reference. A trained model gets gradient
+    checkpointing if asked and no KV cache in its forward passes; a frozen one is put in eval mode without gradients.
     """
     model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs).to(runtime.device)
+    disable_dropout(model)
     if trained:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -657,6 +661,15 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     else:
         model.eval().requires_grad_(False)
     return wrap(model, runtime.world, args.fsdp, runtime.bf16, trained=trained)
+
+
+def disable_dropout(model) -> None:
+    """Sets every dropout probability of the model to 0: its nn.Dropout modules and its attention modules' own."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules' functional dropout
+            module.attention_dropout = 0.0
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -704,15 +717,6 @@ class Forward(torch.nn.Module):
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.model, *args, **kwargs)
-
-
-def disable_dropout(model) -> None:
-    """PPO compares log-probs of the same tokens from two passes; dropout would make them differ at ratio 1."""
-    for module in model.modules() if model is not None else []:
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules' functional dropout
-            module.attention_dropout = 0.0
 
 
 def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]:
@@ -1005,18 +1009,50 @@ def gather_rollout(batch: dict, pad_id: int, device) -> dict:
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 next-token logits from final hidden states, (..., H) -> (..., V), as the model's own forward makes them.
 
-    Every log-prob in these scripts goes through here, so each model family's treatment of its logits is applied once.
+    Every log-prob in these scripts goes through here, so each model family's treatment of its logits is applied once;
+    check_log_probs stops a run whose model family does something else.
     """
     logits = model.get_output_embeddings()(hidden).float()
     config = model.config.get_text_config()
-    if getattr(config, "logits_scaling", None):  # Granite divides them
+    if getattr(config, "logits_scaling", None) and "hyperclovax" in config.model_type:  # HyperCLOVA X multiplies them
+        logits = logits * config.logits_scaling
+    elif getattr(config, "logits_scaling", None):  # Granite divides them
         logits = logits / config.logits_scaling
+    if getattr(config, "lm_head_multiplier", None):  # Falcon-H1 multiplies them
+        logits = logits * config.lm_head_multiplier
     if getattr(config, "logit_scale", None):  # Cohere multiplies them
         logits = logits * config.logit_scale
     if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
         cap = config.final_logit_softcapping
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@torch.no_grad()
+def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) -> None:
+    """Stop before training if this file's log-probs (the model's body, then lm_logits) of one sequence's first 64
+    response tokens differ from log_softmax of the model's own logits by more than 0.05 nats a token on average.
+
+    bf16 stays far inside that; a model family whose logits lm_logits does not treat is off by nats. Every rank calls.
+    """
+    input_ids = torch.tensor([sequence[: start + 64]], device=runtime.device)
+    with runtime.autocast():
+        gap = model(log_prob_gap, input_ids, start)
+    if gap > 0.05:
+        config = unwrap(model).config
+        raise ValueError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
+                         f"differ from the model's own logits by {gap:.3f} nats a token. Its LM head's output is "
+                         "scaled in a way lm_logits does not know; add the model family there.")
+
+
+def log_prob_gap(model, input_ids: torch.Tensor, start: int) -> float:
+    """Mean |difference| over input_ids[0, start:] of lm_logits' log-probs and those of the model's own forward."""
+    targets = input_ids[0, start:, None]  # (R, 1): the response tokens
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state[0, start - 1 : -1]  # (R, H)
+    ours = torch.log_softmax(lm_logits(model, hidden), -1).gather(-1, targets)
+    logits = model(input_ids=input_ids, logits_to_keep=len(targets) + 1).logits[0, :-1].float()  # (R, V)
+    theirs = torch.log_softmax(logits, -1).gather(-1, targets)
+    return (ours - theirs).abs().mean().item()
 
 
 def all_sum(values: dict, device) -> dict:
