@@ -51,6 +51,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -86,7 +88,7 @@ class Args:
     eval_split: str = "test"
     """held-out prompts for evaluation; if the dataset has none, `eval_holdout` rows of the train split are held out"""
     eval_holdout: int = 512
-    """rows held out from the train split when the dataset has no `eval_split` (0: no evaluation)"""
+    """rows held out from the train split when the dataset has no `eval_split`, at most a tenth (0: no evaluation)"""
     max_prompt_length: int = 256
     """tokens kept from the end of a longer prompt"""
     max_new_tokens: int = 5
@@ -161,7 +163,8 @@ class Args:
     output_dir: str = "runs/ppo"
     """where the final model (and value_model/) and checkpoints go"""
     resume_from: Optional[str] = None
-    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from"""
+    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from; `latest`: the newest
+    in output_dir, or a new run if it has none"""
     seed: int = 1
     """seed for python, numpy and torch, the prompt order, sampling and the held-out split"""
     track: bool = False
@@ -365,6 +368,9 @@ def train(args: Args) -> dict:
         value_model = load_model(os.path.join(policy_path, "value_model") if args.resume_from else value_path, args,
                                  runtime, trained=True, model_class=AutoModelForSequenceClassification, num_labels=1)
     trained = torch.nn.ModuleList([m for m in (policy, value_model) if m is not None])
+    # a checkpoint, and the final output_dir, hold the value model in value_model/
+    save_value_model = None if value_model is None else lambda path: save_model(os.path.join(path, "value_model"),
+                                                                                value_model)
 
     # ---- data: prompts, tokenized once; each rollout draws the next ones, each with its own uniforms to sample from
     train_prompts, eval_prompts = load_prompts(args, tokenizer)
@@ -515,12 +521,9 @@ def train(args: Args) -> dict:
         progress.set_postfix(score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         log_metrics(metrics, done, args.num_rollouts, args.logging_steps, tracker, label="rollout")
         if args.save_steps and done % args.save_steps == 0 and done < args.num_rollouts:
-            last_checkpoint = save_checkpoint(args, done, policy, tokenizer, optimizer, scheduler, runtime, trained)
-            if value_model is not None:
-                save_model(os.path.join(last_checkpoint, "value_model"), value_model)
-    save(args.output_dir, policy, tokenizer, args)
-    if value_model is not None:
-        save_model(os.path.join(args.output_dir, "value_model"), value_model)
+            last_checkpoint = save_checkpoint(args, done, policy, tokenizer, optimizer, scheduler, runtime, trained,
+                                              also=save_value_model)
+    save(args.output_dir, policy, tokenizer, args, also=save_value_model)
     if tracker is not None:
         tracker.finish()
     return metrics
@@ -585,8 +588,20 @@ def setup(args) -> Runtime:
     if args.fsdp and not dist.is_initialized():
         raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
+    if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
+        args.resume_from = latest_checkpoint(args.output_dir)
     device = pick_device(args.device)
     return Runtime(rank, world, device, args.bf16 and device.type == "cuda")
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest checkpoint in output_dir (checkpoint-N, or SPIN's iteration-k), None if it has none. A directory of
+    that name is complete: `save` moves it into place only once written."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    numbered = [(int(name.split("-")[1]), name) for name in names if re.fullmatch(r"(checkpoint|iteration)-\d+", name)]
+    path = os.path.join(output_dir, max(numbered)[1]) if numbered else None
+    print(f"--resume_from latest: {path or f'no checkpoint in {output_dir!r} yet, a new run'}")
+    return path
 
 
 def init_distributed() -> tuple[int, int]:
@@ -727,7 +742,7 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps "
                                 f"(output_dir/checkpoint-N); {path!r} has no training_state.pt")
-    return torch.load(state_file, weights_only=False)
+    return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
 
 
 def load_prompts(args, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
@@ -755,11 +770,16 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
         raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
     if eval_split in data:
         return data[train_split], data[eval_split]
-    if holdout == 0:
-        print(f"no {eval_split!r} split in {name!r} and eval_holdout=0: no evaluation")
+    rows = len(data[train_split])
+    size = min(holdout, rows // 10)  # a small dataset gives at most a tenth of its rows
+    if size == 0:
+        why = "eval_holdout=0" if holdout == 0 else f"{rows} rows are too few to hold any out"
+        print(f"no {eval_split!r} split in {name!r} and {why}: no evaluation")
         return data[train_split], None
-    print(f"no {eval_split!r} split in {name!r}: holding out {holdout} rows of {train_split!r} for evaluation")
-    parts = data[train_split].train_test_split(test_size=holdout, seed=seed)
+    capped = f" (eval_holdout={holdout} capped at a tenth)" if size < holdout else ""
+    print(f"no {eval_split!r} split in {name!r}: holding out {size} of its {rows} {train_split!r} rows for "
+          f"evaluation{capped}")
+    parts = data[train_split].train_test_split(test_size=size, seed=seed)
     return parts["train"], parts["test"]
 
 
@@ -1114,7 +1134,8 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -1172,14 +1193,14 @@ def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, 
 
 
 def save_checkpoint(args, step: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, trained=None,
-                    **extra) -> str:
+                    also=None, **extra) -> str:
     """output_dir/checkpoint-{step}: the model, then what --resume_from reads: the optimizer, the scheduler, every
-    rank's RNG state and `extra`. `trained` holds every module the optimizer trains (default: the model).
-    Returns the checkpoint's path; every rank calls it."""
+    rank's RNG state and `extra`. `trained` holds every module the optimizer trains (default: the model); `also`
+    goes to `save`. Returns the checkpoint's path; every rank calls it."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     state = {"step": step, "optimizer": optimizer_state(model if trained is None else trained, optimizer),
              "scheduler": scheduler.state_dict(), "rng": rank_rng_states(runtime.world)}
-    save(path, model, tokenizer, args, state | extra)
+    save(path, model, tokenizer, args, state | extra, also)
     return path
 
 
@@ -1201,26 +1222,53 @@ def rank_rng_states(world: int) -> list:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, as tensors and plain Python (numpy's key array as a list), so that a checkpoint
+    loads with torch.load(weights_only=True)."""
+    kind, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), *rest], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def save(path: str, model, tokenizer, args, state: Optional[dict] = None) -> None:
-    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs.
+def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs; `also`,
+    called on every rank with the directory being written, adds more to it.
 
-    Every rank calls it (FSDP2 gathers the shards); rank 0 writes.
+    Everything goes to path + ".tmp" first and is moved into place once complete (`publish`), so a process killed
+    mid-save leaves no directory that looks whole and is not. Every rank calls it (FSDP2 gathers the shards); rank 0
+    writes.
     """
-    save_model(path, model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tokenizer.save_pretrained(path)
-        with open(os.path.join(path, "args.json"), "w") as f:
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    staging = os.path.normpath(path) + ".tmp"
+    if writer and os.path.isdir(staging):  # left by a run killed while saving
+        shutil.rmtree(staging)
+    save_model(staging, model)
+    if also is not None:
+        also(staging)
+    if writer:
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         if state is not None:
-            torch.save(state, os.path.join(path, "training_state.pt"))
+            torch.save(state, os.path.join(staging, "training_state.pt"))
+        publish(staging, path)
     if dist.is_initialized():
         dist.barrier()  # nobody reads a checkpoint before it is written
+
+
+def publish(staging: str, path: str) -> None:
+    """Move a completely written directory to `path`: renamed whole (atomic) where path is new, as a checkpoint is;
+    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic."""
+    if not os.path.isdir(path):
+        os.rename(staging, path)
+        return
+    for name in os.listdir(staging):
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def save_model(path: str, model) -> None:

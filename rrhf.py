@@ -51,6 +51,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -81,7 +83,7 @@ class Args:
     eval_split: str = "test"
     """held-out split; if the dataset has none, `eval_holdout` rows of the train split are held out"""
     eval_holdout: int = 512
-    """rows held out from the train split when the dataset has no `eval_split` (0: no evaluation)"""
+    """rows held out from the train split when the dataset has no `eval_split`, at most a tenth (0: no evaluation)"""
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
@@ -138,7 +140,8 @@ class Args:
     output_dir: str = "runs/rrhf"
     """where the final model and checkpoints go"""
     resume_from: Optional[str] = None
-    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from"""
+    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from; `latest`: the newest
+    in output_dir, or a new run if it has none"""
     seed: int = 1
     """seed for python, numpy and torch, the data order and the held-out split"""
     track: bool = False
@@ -342,8 +345,20 @@ def setup(args) -> Runtime:
     if args.fsdp and not dist.is_initialized():
         raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
+    if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
+        args.resume_from = latest_checkpoint(args.output_dir)
     device = pick_device(args.device)
     return Runtime(rank, world, device, args.bf16 and device.type == "cuda")
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest checkpoint in output_dir (checkpoint-N, or SPIN's iteration-k), None if it has none. A directory of
+    that name is complete: `save` moves it into place only once written."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    numbered = [(int(name.split("-")[1]), name) for name in names if re.fullmatch(r"(checkpoint|iteration)-\d+", name)]
+    path = os.path.join(output_dir, max(numbered)[1]) if numbered else None
+    print(f"--resume_from latest: {path or f'no checkpoint in {output_dir!r} yet, a new run'}")
+    return path
 
 
 def init_distributed() -> tuple[int, int]:
@@ -476,7 +491,7 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps "
                                 f"(output_dir/checkpoint-N); {path!r} has no training_state.pt")
-    return torch.load(state_file, weights_only=False)
+    return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
 
 
 def load_groups(args, tokenizer, runtime: Runtime) -> tuple[list[dict], list[dict]]:
@@ -575,11 +590,16 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
         raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
     if eval_split in data:
         return data[train_split], data[eval_split]
-    if holdout == 0:
-        print(f"no {eval_split!r} split in {name!r} and eval_holdout=0: no evaluation")
+    rows = len(data[train_split])
+    size = min(holdout, rows // 10)  # a small dataset gives at most a tenth of its rows
+    if size == 0:
+        why = "eval_holdout=0" if holdout == 0 else f"{rows} rows are too few to hold any out"
+        print(f"no {eval_split!r} split in {name!r} and {why}: no evaluation")
         return data[train_split], None
-    print(f"no {eval_split!r} split in {name!r}: holding out {holdout} rows of {train_split!r} for evaluation")
-    parts = data[train_split].train_test_split(test_size=holdout, seed=seed)
+    capped = f" (eval_holdout={holdout} capped at a tenth)" if size < holdout else ""
+    print(f"no {eval_split!r} split in {name!r}: holding out {size} of its {rows} {train_split!r} rows for "
+          f"evaluation{capped}")
+    parts = data[train_split].train_test_split(test_size=size, seed=seed)
     return parts["train"], parts["test"]
 
 
@@ -647,7 +667,8 @@ def split_implicit_prompt(chosen, rejected):
 
 
 def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos).
+    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos, unless the
+    response already ends its turn).
 
     A merge across the boundary changes the prompt's last tokens; the tokens
     from the first difference on are the response (TRL does the same).
@@ -659,9 +680,18 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
         n += 1
     response_ids = full_ids[n:]
-    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # an empty answer is its <eos> alone
+    if not response_ids or not ends_turn(tokenizer, response_ids[-1], templated):  # an empty answer is <eos> alone
         response_ids = response_ids + [tokenizer.eos_token_id]
     return full_ids[:n], response_ids
+
+
+def ends_turn(tokenizer, token_id: int, templated: bool) -> bool:
+    """Whether a response's last token already ends it: <eos>, or, in a chat template's rendering, any special token
+    (the template closed the turn with its own: Gemma's <end_of_turn>, Llama 3's <|eot_id|>)."""
+    if token_id == tokenizer.eos_token_id:
+        return True
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return templated and (token_id in tokenizer.all_special_ids or (added is not None and added.special))
 
 
 def check_scores(scores, index: int, scores_column: str) -> list[float]:
@@ -1056,7 +1086,8 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -1114,14 +1145,14 @@ def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, 
 
 
 def save_checkpoint(args, step: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, trained=None,
-                    **extra) -> str:
+                    also=None, **extra) -> str:
     """output_dir/checkpoint-{step}: the model, then what --resume_from reads: the optimizer, the scheduler, every
-    rank's RNG state and `extra`. `trained` holds every module the optimizer trains (default: the model).
-    Returns the checkpoint's path; every rank calls it."""
+    rank's RNG state and `extra`. `trained` holds every module the optimizer trains (default: the model); `also`
+    goes to `save`. Returns the checkpoint's path; every rank calls it."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     state = {"step": step, "optimizer": optimizer_state(model if trained is None else trained, optimizer),
              "scheduler": scheduler.state_dict(), "rng": rank_rng_states(runtime.world)}
-    save(path, model, tokenizer, args, state | extra)
+    save(path, model, tokenizer, args, state | extra, also)
     return path
 
 
@@ -1143,26 +1174,53 @@ def rank_rng_states(world: int) -> list:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, as tensors and plain Python (numpy's key array as a list), so that a checkpoint
+    loads with torch.load(weights_only=True)."""
+    kind, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), *rest], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def save(path: str, model, tokenizer, args, state: Optional[dict] = None) -> None:
-    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs.
+def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs; `also`,
+    called on every rank with the directory being written, adds more to it.
 
-    Every rank calls it (FSDP2 gathers the shards); rank 0 writes.
+    Everything goes to path + ".tmp" first and is moved into place once complete (`publish`), so a process killed
+    mid-save leaves no directory that looks whole and is not. Every rank calls it (FSDP2 gathers the shards); rank 0
+    writes.
     """
-    save_model(path, model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tokenizer.save_pretrained(path)
-        with open(os.path.join(path, "args.json"), "w") as f:
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    staging = os.path.normpath(path) + ".tmp"
+    if writer and os.path.isdir(staging):  # left by a run killed while saving
+        shutil.rmtree(staging)
+    save_model(staging, model)
+    if also is not None:
+        also(staging)
+    if writer:
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         if state is not None:
-            torch.save(state, os.path.join(path, "training_state.pt"))
+            torch.save(state, os.path.join(staging, "training_state.pt"))
+        publish(staging, path)
     if dist.is_initialized():
         dist.barrier()  # nobody reads a checkpoint before it is written
+
+
+def publish(staging: str, path: str) -> None:
+    """Move a completely written directory to `path`: renamed whole (atomic) where path is new, as a checkpoint is;
+    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic."""
+    if not os.path.isdir(path):
+        os.rename(staging, path)
+        return
+    for name in os.listdir(staging):
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def save_model(path: str, model) -> None:

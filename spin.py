@@ -51,6 +51,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -83,7 +85,7 @@ class Args:
     eval_split: str = "test"
     """held-out split; if the dataset has none, `eval_holdout` rows of the train split are held out"""
     eval_holdout: int = 512
-    """rows held out from the train split when the dataset has no `eval_split` (0: no evaluation)"""
+    """rows held out from the train split when the dataset has no `eval_split`, at most a tenth (0: no evaluation)"""
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
@@ -140,7 +142,8 @@ class Args:
     output_dir: str = "runs/spin"
     """where each iteration's model and data, and the final model, go"""
     resume_from: Optional[str] = None
-    """an iteration directory written by this script (output_dir/iteration-k) to continue from, with iteration k"""
+    """an iteration directory written by this script (output_dir/iteration-k) to continue from, with iteration k;
+    `latest`: the newest in output_dir, or a new run if it has none"""
     seed: int = 1
     """seed for python, numpy and torch, generation, the data order and the held-out split"""
     track: bool = False
@@ -396,8 +399,20 @@ def setup(args) -> Runtime:
     if args.fsdp and not dist.is_initialized():
         raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
+    if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
+        args.resume_from = latest_checkpoint(args.output_dir)
     device = pick_device(args.device)
     return Runtime(rank, world, device, args.bf16 and device.type == "cuda")
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest checkpoint in output_dir (checkpoint-N, or SPIN's iteration-k), None if it has none. A directory of
+    that name is complete: `save` moves it into place only once written."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    numbered = [(int(name.split("-")[1]), name) for name in names if re.fullmatch(r"(checkpoint|iteration)-\d+", name)]
+    path = os.path.join(output_dir, max(numbered)[1]) if numbered else None
+    print(f"--resume_from latest: {path or f'no checkpoint in {output_dir!r} yet, a new run'}")
+    return path
 
 
 def init_distributed() -> tuple[int, int]:
@@ -534,7 +549,7 @@ def load_iteration_state(resume_from: Optional[str], path: str) -> tuple[int, Op
     with open(state_file) as f:
         first = json.load(f)["next_iteration"]
     print(f"resumed from {resume_from}: iteration {first} next")
-    return first, torch.load(os.path.join(path, "pairs.pt"), weights_only=False)
+    return first, torch.load(os.path.join(path, "pairs.pt"), weights_only=True)
 
 
 def load_sft(args, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -563,11 +578,16 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
         raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
     if eval_split in data:
         return data[train_split], data[eval_split]
-    if holdout == 0:
-        print(f"no {eval_split!r} split in {name!r} and eval_holdout=0: no evaluation")
+    rows = len(data[train_split])
+    size = min(holdout, rows // 10)  # a small dataset gives at most a tenth of its rows
+    if size == 0:
+        why = "eval_holdout=0" if holdout == 0 else f"{rows} rows are too few to hold any out"
+        print(f"no {eval_split!r} split in {name!r} and {why}: no evaluation")
         return data[train_split], None
-    print(f"no {eval_split!r} split in {name!r}: holding out {holdout} rows of {train_split!r} for evaluation")
-    parts = data[train_split].train_test_split(test_size=holdout, seed=seed)
+    capped = f" (eval_holdout={holdout} capped at a tenth)" if size < holdout else ""
+    print(f"no {eval_split!r} split in {name!r}: holding out {size} of its {rows} {train_split!r} rows for "
+          f"evaluation{capped}")
+    parts = data[train_split].train_test_split(test_size=size, seed=seed)
     return parts["train"], parts["test"]
 
 
@@ -633,7 +653,8 @@ def is_conversation(value) -> bool:
 
 
 def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos).
+    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos, unless the
+    response already ends its turn).
 
     A merge across the boundary changes the prompt's last tokens; the tokens
     from the first difference on are the response (TRL does the same).
@@ -645,9 +666,18 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
         n += 1
     response_ids = full_ids[n:]
-    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # an empty answer is its <eos> alone
+    if not response_ids or not ends_turn(tokenizer, response_ids[-1], templated):  # an empty answer is <eos> alone
         response_ids = response_ids + [tokenizer.eos_token_id]
     return full_ids[:n], response_ids
+
+
+def ends_turn(tokenizer, token_id: int, templated: bool) -> bool:
+    """Whether a response's last token already ends it: <eos>, or, in a chat template's rendering, any special token
+    (the template closed the turn with its own: Gemma's <end_of_turn>, Llama 3's <|eot_id|>)."""
+    if token_id == tokenizer.eos_token_id:
+        return True
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return templated and (token_id in tokenizer.all_special_ids or (added is not None and added.special))
 
 
 def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
@@ -1055,33 +1085,60 @@ def save_iteration(path: str, model, tokenizer, args, pairs: list[dict], next_it
     """An iteration directory: the model, the pairs generated for it (as text in generated.jsonl, to read, and as token
     ids in pairs.pt, which a resumed run trains on again with --previous_iteration_data), and the iteration to run
     next. Every rank calls it; rank 0 writes."""
-    save(path, model, tokenizer, args)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    with open(os.path.join(path, "generated.jsonl"), "w") as f:
-        for p in pairs:
-            prompt, real, generated = p["text"]
-            f.write(json.dumps({"prompt": prompt, "real": real, "generated": generated}) + "\n")
-    torch.save([{k: v for k, v in p.items() if k != "text"} | {"text": list(p["text"])} for p in pairs],
-               os.path.join(path, "pairs.pt"))
-    with open(os.path.join(path, "spin_state.json"), "w") as f:
-        json.dump({"next_iteration": next_iteration}, f)
+
+    def write_pairs(directory: str) -> None:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        with open(os.path.join(directory, "generated.jsonl"), "w") as f:
+            for p in pairs:
+                prompt, real, generated = p["text"]
+                f.write(json.dumps({"prompt": prompt, "real": real, "generated": generated}) + "\n")
+        torch.save([{k: v for k, v in p.items() if k != "text"} | {"text": list(p["text"])} for p in pairs],
+                   os.path.join(directory, "pairs.pt"))
+        with open(os.path.join(directory, "spin_state.json"), "w") as f:
+            json.dump({"next_iteration": next_iteration}, f)
+
+    save(path, model, tokenizer, args, also=write_pairs)  # written whole, then moved into place
 
 
-def save(path: str, model, tokenizer, args, state: Optional[dict] = None) -> None:
-    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs.
+def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs; `also`,
+    called on every rank with the directory being written, adds more to it.
 
-    Every rank calls it (FSDP2 gathers the shards); rank 0 writes.
+    Everything goes to path + ".tmp" first and is moved into place once complete (`publish`), so a process killed
+    mid-save leaves no directory that looks whole and is not. Every rank calls it (FSDP2 gathers the shards); rank 0
+    writes.
     """
-    save_model(path, model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tokenizer.save_pretrained(path)
-        with open(os.path.join(path, "args.json"), "w") as f:
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    staging = os.path.normpath(path) + ".tmp"
+    if writer and os.path.isdir(staging):  # left by a run killed while saving
+        shutil.rmtree(staging)
+    save_model(staging, model)
+    if also is not None:
+        also(staging)
+    if writer:
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         if state is not None:
-            torch.save(state, os.path.join(path, "training_state.pt"))
+            torch.save(state, os.path.join(staging, "training_state.pt"))
+        publish(staging, path)
     if dist.is_initialized():
         dist.barrier()  # nobody reads a checkpoint before it is written
+
+
+def publish(staging: str, path: str) -> None:
+    """Move a completely written directory to `path`: renamed whole (atomic) where path is new, as a checkpoint is;
+    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic."""
+    if not os.path.isdir(path):
+        os.rename(staging, path)
+        return
+    for name in os.listdir(staging):
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def save_model(path: str, model) -> None:

@@ -147,3 +147,149 @@ def test_every_micro_batch_of_every_epoch_is_trained_on(batch_size, accumulation
             for r in micro.rows[: micro.n]]
     assert sorted(seen) == sorted(list(range(40)) * epochs)
     assert batches.total_steps == math.ceil(math.ceil(40 / batch_size) * epochs / accumulation)
+
+
+# --------------------------------------------------------------------------- defect 7 (offline half): the turn's end
+def gemma_like_tokenizer():
+    """A word-level tokenizer whose chat template closes each turn with its own special token, <end_of_turn>, which is
+    not its <eos> (as Gemma's and Llama 3's templates do)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<end_of_turn>", "<start_of_turn>", "user", "model", "hi",
+                                         "yes", "no", "\n", "<unk>"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+|<[a-z_]+>|[a-z]+"), behavior="isolated")
+    tok.add_special_tokens(["<pad>", "<eos>", "<end_of_turn>", "<start_of_turn>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<start_of_turn>{{ 'user' if m['role'] == 'user' else 'model' }}\n"
+                          "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    return fast
+
+
+@pytest.mark.parametrize("script", ["dpo", "spin", "reward_model"])
+def test_a_templated_response_ends_once(script):
+    """Defect 7, offline half. A response the chat template already closed with its own turn-end token is not given
+    <eos> as well (it used to end '<end_of_turn> <eos>', training every response to end twice). A plain-text response
+    still gets its <eos>."""
+    module = importlib.import_module(script)
+    tok = gemma_like_tokenizer()
+    prompt, responses = module.chat_texts(tok, [{"role": "user", "content": "hi"}],
+                                          [[{"role": "assistant", "content": "yes"}]], 0)
+    _, response_ids = module.tokenize_response(tok, prompt, responses[0], templated=True)
+    assert tok.convert_ids_to_tokens(response_ids) == ["yes", "<end_of_turn>"]
+    _, plain_ids = module.tokenize_response(tok, "hi\n", "yes", templated=False)
+    assert tok.convert_ids_to_tokens(plain_ids) == ["yes", "<eos>"]
+
+
+# --------------------------------------------------------------------------- defect 8: a small dataset, no test split
+@pytest.mark.parametrize("rows,holdout,expected", [(24, 512, 2), (24, 1, 1), (9, 512, 0), (5000, 512, 500),
+                                                   (6000, 512, 512), (24, 0, 0)])
+def test_a_small_dataset_holds_out_at_most_a_tenth(tmp_path, capsys, rows, holdout, expected):
+    """Defect 8. A 24-row file without a test split used to end in a traceback from datasets (test_size=512 larger
+    than the data). Now at most a tenth of the rows (floor) is held out, the count is printed, and a dataset too small
+    to spare a row trains on all of them without evaluation."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(f'{{"prompt": "p{i}", "chosen": "a", "rejected": "b"}}\n' for i in range(rows)))
+    train, held_out = dpo.load_splits(str(path), None, "train", "test", holdout, seed=0)
+    assert len(train) == rows - expected
+    assert (len(held_out) if held_out is not None else 0) == expected
+    out = capsys.readouterr().out
+    assert (f"holding out {expected} of its {rows}" in out) if expected else ("no evaluation" in out)
+
+
+# --------------------------------------------------------------------------- defect 11: checkpoints run no code
+class Payload:
+    """Unpickling this runs Payload.mark: what a crafted training_state.pt could do with an arbitrary command."""
+
+    ran = False
+
+    @staticmethod
+    def mark():
+        Payload.ran = True
+
+    def __reduce__(self):
+        return (Payload.mark, ())
+
+
+@pytest.mark.parametrize("script", ["dpo", "ppo_rlhf", "reward_model"])
+def test_a_crafted_checkpoint_is_refused(script, tmp_path):
+    """Defect 11. training_state.pt is loaded with weights_only=True: a pickle that calls a function is refused
+    before the call (it used to run it), and a real state with every RNG, optimizer and scheduler entry still loads."""
+    module = importlib.import_module(script)
+    torch.save({"step": 3, "rng": [Payload()]}, tmp_path / "training_state.pt")
+    Payload.ran = False
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        module.load_training_state(str(tmp_path), str(tmp_path))
+    assert not Payload.ran
+    w = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([w])
+    w.grad = torch.ones(2)
+    optimizer.step()
+    scheduler = module.linear_schedule(optimizer, 0.1, 10)
+    state = {"step": 3, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": module.rank_rng_states(1)}
+    torch.save(state, tmp_path / "training_state.pt")
+    loaded = module.load_training_state(str(tmp_path), str(tmp_path))
+    before = (torch.rand(3), __import__("numpy").random.rand(3), __import__("random").random())
+    module.set_rng_state(loaded["rng"][0])
+    after = (torch.rand(3), __import__("numpy").random.rand(3), __import__("random").random())
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all() and before[2] == after[2]
+
+
+# --------------------------------------------------------------------------- defect 14: a kill during a save
+KILL_ON_SECOND_WEIGHTS_FILE = """
+import os, runpy, signal, sys
+import safetensors.torch
+write = safetensors.torch.save_file
+calls = []
+def write_then_die(*args, **kwargs):  # the second weights file is checkpoint-4's: die right after writing it
+    write(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+safetensors.torch.save_file = write_then_die  # before transformers imports it
+sys.argv = ["dpo.py", *sys.argv[1:]]
+runpy.run_path("dpo.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_save_leaves_the_last_whole_checkpoint(data_dir, toy_model_dir, tmp_path):
+    """Defect 14, deterministically: the process SIGKILLs itself right after writing checkpoint-4's weights (the
+    save's first file). No checkpoint-4 may then exist, `--resume_from latest` must pick checkpoint-2, and the resumed
+    run must end with exactly the weights of the run that was never interrupted. Before the fix, checkpoint-4/ held
+    the weights alone and looked like a checkpoint."""
+    from helpers import assert_same_weights, python
+
+    flags = ["--dataset_name", str(data_dir), "--model_name_or_path", str(toy_model_dir), "--max_steps", "6",
+             "--save_steps", "2", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
+             "--eval_steps", "0", "--logging_steps", "1000", "--device", "cpu"]
+    killed = python("-c", KILL_ON_SECOND_WEIGHTS_FILE, *flags, "--output_dir", str(tmp_path / "run"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4.tmp"]
+    written = {p.name for p in (tmp_path / "run" / "checkpoint-4.tmp").iterdir()}
+    assert "model.safetensors" in written and not written & {"args.json", "training_state.pt", "tokenizer.json"}
+    assert (tmp_path / "run" / "checkpoint-2" / "training_state.pt").is_file()
+
+    resumed = python("dpo.py", *flags, "--output_dir", str(tmp_path / "run"), "--resume_from", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoint-2'} at step 2" in resumed.stdout
+    whole = python("dpo.py", *flags, "--output_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert_same_weights(tmp_path / "run", tmp_path / "whole")
+    assert not (tmp_path / "run" / "checkpoint-4.tmp").exists()  # the next save of checkpoint-4 cleared it
+
+
+@pytest.mark.slow
+def test_resume_from_latest_with_no_checkpoint_starts_a_new_run(data_dir, toy_model_dir, tmp_path):
+    """--resume_from latest on an empty output_dir is a new run (a preemptible job's first start)."""
+    from helpers import python
+
+    run = python("dpo.py", "--dataset_name", str(data_dir), "--model_name_or_path", str(toy_model_dir), "--max_steps",
+                 "1", "--per_device_train_batch_size", "16", "--eval_steps", "0", "--device", "cpu", "--output_dir",
+                 str(tmp_path / "new"), "--resume_from", "latest")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--resume_from latest: no checkpoint in" in run.stdout
+    assert (tmp_path / "new" / "model.safetensors").is_file()
