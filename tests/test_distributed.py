@@ -83,8 +83,9 @@ def assert_same_trajectory(one: list[dict], many: list[dict], script: str) -> No
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir) -> dict:
-    """Per script: its global sizes and its other flags, on small data. The pairs file for dpo.py has 63 rows: 47 to
-    train on (16 held out), so the last micro-batch of an epoch (7 pairs) leaves one rank a stand-in row. slic_hf.py
+    """Per script: its global sizes and its other flags, on small data. The pairs file for dpo.py has 63 rows: 57 to
+    train on (6 held out, a tenth), so the last micro-batch of an epoch (9 pairs) leaves one rank a stand-in row and
+    is shorter than the other micro-batch of its step. slic_hf.py
     runs with gradient checkpointing, and rrhf.py rescores its responses with a reward model split over the ranks."""
     base = tmp_path_factory.mktemp("dist")
     head(TOY / "pairs" / "train.jsonl", base / "pairs63.jsonl", 63)
@@ -96,7 +97,7 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir) -> dict:
         "rm": base / "rm",
         "dpo.py": (dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=2,
                         per_device_eval_batch_size=6, eval_steps=2, save_steps=2),
-                   ["--dataset_name", str(base / "pairs63.jsonl"), "--eval_holdout", "16"]),
+                   ["--dataset_name", str(base / "pairs63.jsonl"), "--eval_holdout", "6"]),
         "ipo.py": (offline, ["--dataset_name", str(data_dir), "--precompute_ref_logps"]),
         "fdpo.py": (offline, ["--dataset_name", str(data_dir), "--divergence", "js"]),
         "slic_hf.py": (offline, ["--dataset_name", str(data_dir), "--gradient_checkpointing"]),
