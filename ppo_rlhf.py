@@ -21,8 +21,8 @@ Deviations and options
 - `--advantage_estimator rloo`: no value model. Each prompt gets `--rloo_k` responses; a response's advantage is its
   return (score - beta * sum_t kl_t) minus the mean of the other k - 1 (Ahmadian et al. Sec. 3), given to each of its
   tokens and whitened by default (Ahmadian et al. do not; `--no-whiten_advantages` undoes it).
-- Responses are cut after the first EOS; one without an EOS within `--max_new_tokens` is scored at its last token,
-  minus `--missing_eos_penalty`, and ends as terminal (V = 0), as in TRL. Sampling and log-probs use `--temperature`.
+- Responses end at the first EOS, the tokenizer's or any in generation_config.eos_token_id; one without an EOS within
+  `--max_new_tokens` is scored at its last token, minus `--missing_eos_penalty`, and is terminal (V = 0), as in TRL.
 - The reward model shares the policy's tokenizer (a one-label *ForSequenceClassification, as reward_model.py makes)
   and is read at the EOS, as its own forward reads it. Dropout is off in every model: PPO's ratio compares two passes.
 
@@ -367,6 +367,7 @@ def train(args: Args) -> dict:
         value_path = rm_path if args.value_model_init == "reward_model" else policy_path
         value_model = load_model(os.path.join(policy_path, "value_model") if args.resume_from else value_path, args,
                                  runtime, trained=True, model_class=AutoModelForSequenceClassification, num_labels=1)
+    eos_ids = eos_token_ids(policy, tokenizer)  # the tokenizer's eos and the model's own (a chat model's turn end)
     trained = torch.nn.ModuleList([m for m in (policy, value_model) if m is not None])
     # a checkpoint, and the final output_dir, hold the value model in value_model/
     save_value_model = None if value_model is None else lambda path: save_model(os.path.join(path, "value_model"),
@@ -389,9 +390,9 @@ def train(args: Args) -> dict:
             # 1. generate
             with timed(timings, "generate", runtime.device), runtime.autocast():
                 raw = policy(generate, *cut_left_padding(q, q_mask), args.max_new_tokens, args.temperature,
-                             tokenizer.eos_token_id, uniforms[s : s + args.forward_batch_size].to(runtime.device))
+                             eos_ids, uniforms[s : s + args.forward_batch_size].to(runtime.device))
             # 2. truncate after EOS
-            response, mask, has_eos = truncate_after_eos(raw, tokenizer.eos_token_id, pad_id)
+            response, mask, has_eos = truncate_after_eos(raw, eos_ids, pad_id)
             # 3. score with the reward model, at the EOS token
             with timed(timings, "score", runtime.device), runtime.autocast():
                 scores = reward_model(reward_scores, q, q_mask, response, mask)
@@ -734,6 +735,14 @@ class Forward(torch.nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's eos, and each id in the model's generation_config.eos_token_id
+    (an int or a list), where chat models list the end of their turn (Gemma's <end_of_turn>, Qwen's <|im_end|>)."""
+    listed = getattr(unwrap(model).generation_config, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return sorted({tokenizer.eos_token_id, *listed})
+
+
 def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]:
     """The optimizer, scheduler, RNG and step a checkpoint holds beside its model; None when not resuming."""
     if not resume_from:
@@ -914,23 +923,22 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-             eos_id: int, uniforms: torch.Tensor) -> torch.Tensor:
+             eos_ids: list[int], uniforms: torch.Tensor) -> torch.Tensor:
     """Sample up to max_new_tokens after each left-padded query (B, P) with the KV cache; returns ids (B, R).
 
     Token t of row b is drawn by inverting the CDF at uniforms[b, t] (B, max_new_tokens), so a row's sample depends on
     its own draws only, not on the rows it is batched with or on the number of processes. Stops once every row (on
-    every rank) has sampled an EOS; what a row samples after its EOS is cut by truncate_after_eos.
+    every rank) has sampled one of eos_ids; what a row samples after it is cut by truncate_after_eos.
     """
     position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
     out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     attention_mask, position = query_mask, position_ids[:, -1:]
+    eos = torch.tensor(eos_ids, device=query.device)
     tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
     while True:
-        cdf = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cumsum(-1)  # (B, V)
-        u = uniforms[:, len(tokens), None].to(cdf.device) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first with cdf > u
+        token = sample_tokens(out.logits[:, -1], temperature, uniforms[:, len(tokens)])  # (B, 1)
         tokens.append(token)
-        done |= token[:, 0] == eos_id
+        done |= torch.isin(token[:, 0], eos)
         finished = done.all().int()
         if dist.is_initialized():  # every rank stops at the same step: FSDP2 gathers each layer with all ranks at once
             dist.all_reduce(finished, op=dist.ReduceOp.MIN)
@@ -938,8 +946,25 @@ def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_token
             return torch.cat(tokens, dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
         position = position + 1
-        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
+        # the model's own KV cache, passed back under the name its output gives it: `cache` in recent transformers 5.x
+        # (where `past_key_values` warns that it goes in 5.40), `past_key_values` in earlier ones
+        cache_name = "cache" if "cache" in out else "past_key_values"
+        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                    **{cache_name: out[cache_name]})
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, 1) drawn from softmax(logits / temperature), logits (B, V), by inverting the CDF at uniforms (B,).
+
+    The softmax and its CDF are float64: a float32 cumsum over a 152k vocabulary drifts by 1e-6 to 1e-4, more than
+    a rare token's probability. MPS has no float64, so there they are computed on the CPU.
+    """
+    device = logits.device
+    logits = logits.cpu() if device.type == "mps" else logits
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)  # (B, V)
+    u = uniforms[:, None].to(cdf) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first with cdf > u
+    return token.to(device)
 
 
 def cut_left_padding(query: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -948,15 +973,15 @@ def cut_left_padding(query: torch.Tensor, query_mask: torch.Tensor) -> tuple[tor
     return query[:, first:], query_mask[:, first:]
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int,
+def truncate_after_eos(responses: torch.Tensor, eos_ids: list[int],
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each sampled response after its first EOS.
+    """Cut each sampled response after its first EOS, any of eos_ids.
 
     responses (B, R) sampled ids. Returns the responses with every token after
     the first EOS replaced by pad_id (B, R), the mask of kept tokens (B, R, EOS
     included) and has_eos (B,).
     """
-    is_eos = responses == eos_id
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     return responses.masked_fill(after, pad_id), ~after, is_eos.any(-1)
 

@@ -9,10 +9,9 @@ h = [log pi(y|x) - log pi_t(y|x)] - [log pi(y'|x) - log pi_t(y'|x)],
 
     L_SPIN = -E[ log sigmoid(beta * h) ]
 
-and pi_{t+1} is its minimiser. No preference labels: the data distribution p_data is the fixed point. One
-iteration's exact population minimiser is pi_{t+1} ∝ pi_t (p_data / pi_t)^(1/beta) (Theorem 5.4): in log space the
-error shrinks by (1 - 1/beta) an iteration, so for beta < 1/2 (the paper's 0.1) the exact iteration overshoots. In
-practice each iteration takes a finite number of gradient steps from the previous iterate.
+and pi_{t+1} is its minimiser; with no preference labels, p_data is the fixed point. One iteration's exact population
+minimiser is pi_{t+1} ∝ pi_t (p_data / pi_t)^(1/beta) (Theorem 5.4): the log-space error shrinks by (1 - 1/beta), so
+beta < 1/2 (the paper's 0.1) overshoots. In practice each iteration takes finitely many gradient steps.
 
 Deviations and options
 - Each iteration generates one response per prompt with the current model, computes the opponent's log-probs of every
@@ -22,6 +21,8 @@ Deviations and options
   `--no-previous_iteration_data` uses only t's. The toy world's default beta is 1; the paper's is 0.1.
 - A generation cut at --max_new_tokens without <eos> is kept (its log-prob is the prefix's), and so is one equal to
   the real answer (h = 0, no gradient, as in the population loss); both are counted each iteration.
+- Generation samples at --temperature 1 with no top-p, so that y' ~ pi_t: any other temperature moves the fixed point
+  away from p_data. SPIN's official generation uses temperature 0.8 and top-p 0.95.
 - Data: prompt/completion columns (strings, or message lists), or `messages` ending with the answer. output_dir/
   iteration-k holds pi_k and its pairs (generated.jsonl); `--resume_from output_dir/iteration-k` continues from it.
 
@@ -37,8 +38,7 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     train/rewards/real          beta * (log pi - log pi_t) of the real (SFT) answer; rewards/generated likewise
     train/rewards/margin        real minus generated (= beta * h); rewards/accuracy: the fraction with margin > 0
     train/logps/real, train/logps/generated    summed log-probs under the policy
-    train/iteration, train/epoch               t, and the fractional epoch within the iteration
-    train/lr, train/grad_norm, perf/tokens_per_sec    as in every script
+    train/iteration, train/epoch    t, and the fractional epoch in it; train/lr, train/grad_norm, perf/tokens_per_sec
     eval/...                    the same quantities on the held-out prompts, at the end of each iteration
     generation/identical, generation/no_eos, generation/length   per iteration: fraction of generations equal
                                 to the real answer, fraction cut at --max_new_tokens, mean tokens
@@ -89,7 +89,8 @@ class Args:
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
-    """tokens kept from the end of a prompt when a row is longer than max_length (and for generation)"""
+    """tokens kept from the end of a prompt when a row, with its real answer or with max_new_tokens generated, is
+    longer than max_length; the opponent generates from the same prompt tokens"""
     # ---- the method
     beta: float = 1.0
     """beta, the scale of the log-ratios inside the logistic loss (Sec. 4). The paper uses 0.1; below 1/2 the exact
@@ -157,6 +158,9 @@ class Args:
         if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
                              f"({self.max_length}) to leave room for a response")
+        if self.max_prompt_length + self.max_new_tokens > self.max_length:  # a generation follows a cut prompt
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
+                             f"must not exceed max_length ({self.max_length})")
 
 
 # ---------------------------------------------------------------------------------------------------------- the method
@@ -207,6 +211,7 @@ def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: A
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7919 * iteration + (desc == "eval"))
     uniforms = torch.rand(len(sft_rows), args.max_new_tokens, generator=g)  # (N, R): row i's draws, wherever it runs
     model.eval()
+    eos_ids = eos_token_ids(model, tokenizer)
     order = sorted(range(len(sft_rows)), key=lambda i: len(sft_rows[i]["prompt"]))  # similar lengths: little padding
     generated: dict[int, tuple[list[int], bool]] = {}
     step = args.per_device_generation_batch_size * runtime.world
@@ -215,8 +220,8 @@ def self_play_pairs(model, sft_rows: list[dict], tokenizer, pad_id: int, args: A
         query, query_mask = left_pad([sft_rows[i]["prompt"] for i in chunk], pad_id)
         with runtime.autocast():
             responses = model(generate, query.to(runtime.device), query_mask.to(runtime.device), args.max_new_tokens,
-                              args.temperature, tokenizer.eos_token_id, uniforms[chunk].to(runtime.device))
-        responses, mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
+                              args.temperature, eos_ids, uniforms[chunk].to(runtime.device))
+        responses, mask, has_eos = truncate_after_eos(responses, eos_ids, pad_id)
         for b, i in enumerate(chunk[:n]):
             generated[i] = responses[b][mask[b]].tolist(), bool(has_eos[b])
     generated = gather_dicts(generated)  # every rank's generations
@@ -557,11 +562,13 @@ def load_sft(args, tokenizer) -> tuple[list[dict], list[dict]]:
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
                                         args.eval_holdout, args.seed)
     check_sft_columns(train_data, args.dataset_name)
-    train_rows = tokenize_sft(train_data, tokenizer, args.max_length, args.max_prompt_length, "train")
+    train_rows = tokenize_sft(train_data, tokenizer, args.max_length, args.max_prompt_length, args.max_new_tokens,
+                              "train")
     if eval_data is None:
         return train_rows, []
     check_sft_columns(eval_data, args.dataset_name)
-    return train_rows, tokenize_sft(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval")
+    return train_rows, tokenize_sft(eval_data, tokenizer, args.max_length, args.max_prompt_length,
+                                    args.max_new_tokens, "eval")
 
 
 def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
@@ -680,9 +687,14 @@ def ends_turn(tokenizer, token_id: int, templated: bool) -> bool:
     return templated and (token_id in tokenizer.all_special_ids or (added is not None and added.special))
 
 
-def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
-    """Each usable row's prompt ids (to generate from), the real answer's full sequence, and where its response
-    starts."""
+def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, max_new_tokens: int,
+                 desc: str) -> list[dict]:
+    """Each usable row's prompt ids, the real answer's full sequence, and where its response starts.
+
+    The real answer is scored after exactly the prompt ids that the opponent generates from, so that both answers
+    of a pair condition on one context. A row is cut (its prompt to the last max_prompt_length tokens, then its
+    answer) when its prompt with the real answer, or with a generation of max_new_tokens, exceeds max_length.
+    """
     rows, skipped, truncated = [], Counter(), 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
         texts = sft_texts(row, i, tokenizer)
@@ -690,23 +702,30 @@ def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, de
             skipped["empty prompt or answer"] += 1
             continue
         prompt, completion, templated = texts
-        real_prompt, real_answer = tokenize_response(tokenizer, prompt, completion, templated)
-        prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-        if not (real_prompt and prompt_ids):
+        prompt_ids, answer_ids = tokenize_response(tokenizer, prompt, completion, templated)
+        if not prompt_ids:
             skipped["empty prompt or answer"] += 1
             continue
-        if len(real_prompt) + len(real_answer) > max_length:
+        if len(prompt_ids) + max(len(answer_ids), max_new_tokens) > max_length:  # the generation must fit too
             truncated += 1
-            real_prompt = real_prompt[-max_prompt_length:]
-            real_answer = real_answer[: max_length - len(real_prompt)]
-        rows.append({"prompt": prompt_ids[-max_prompt_length:], "real": real_prompt + real_answer,
-                     "real_start": len(real_prompt), "text": (prompt, completion)})
+            prompt_ids = prompt_ids[-max_prompt_length:]
+            answer_ids = answer_ids[: max_length - len(prompt_ids)]
+        rows.append({"prompt": prompt_ids, "real": prompt_ids + answer_ids, "real_start": len(prompt_ids),
+                     "text": (prompt, completion)})
     report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
     print(f"{desc}: {len(rows)} SFT rows kept of {len(dataset)}; {truncated} truncated to {max_length} tokens; "
           f"skipped: {report}")
     if not rows:
         raise ValueError(f"no usable rows in the {desc} split")
     return rows
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's eos, and each id in the model's generation_config.eos_token_id
+    (an int or a list), where chat models list the end of their turn (Gemma's <end_of_turn>, Qwen's <|im_end|>)."""
+    listed = getattr(unwrap(model).generation_config, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return sorted({tokenizer.eos_token_id, *listed})
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -722,23 +741,22 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-             eos_id: int, uniforms: torch.Tensor) -> torch.Tensor:
+             eos_ids: list[int], uniforms: torch.Tensor) -> torch.Tensor:
     """Sample up to max_new_tokens after each left-padded query (B, P) with the KV cache; returns ids (B, R).
 
     Token t of row b is drawn by inverting the CDF at uniforms[b, t] (B, max_new_tokens), so a row's sample depends on
     its own draws only, not on the rows it is batched with or on the number of processes. Stops once every row (on
-    every rank) has sampled an EOS; what a row samples after its EOS is cut by truncate_after_eos.
+    every rank) has sampled one of eos_ids; what a row samples after it is cut by truncate_after_eos.
     """
     position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
     out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     attention_mask, position = query_mask, position_ids[:, -1:]
+    eos = torch.tensor(eos_ids, device=query.device)
     tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
     while True:
-        cdf = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cumsum(-1)  # (B, V)
-        u = uniforms[:, len(tokens), None].to(cdf.device) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first with cdf > u
+        token = sample_tokens(out.logits[:, -1], temperature, uniforms[:, len(tokens)])  # (B, 1)
         tokens.append(token)
-        done |= token[:, 0] == eos_id
+        done |= torch.isin(token[:, 0], eos)
         finished = done.all().int()
         if dist.is_initialized():  # every rank stops at the same step: FSDP2 gathers each layer with all ranks at once
             dist.all_reduce(finished, op=dist.ReduceOp.MIN)
@@ -746,19 +764,36 @@ def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_token
             return torch.cat(tokens, dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
         position = position + 1
-        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
+        # the model's own KV cache, passed back under the name its output gives it: `cache` in recent transformers 5.x
+        # (where `past_key_values` warns that it goes in 5.40), `past_key_values` in earlier ones
+        cache_name = "cache" if "cache" in out else "past_key_values"
+        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                    **{cache_name: out[cache_name]})
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int,
+def sample_tokens(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, 1) drawn from softmax(logits / temperature), logits (B, V), by inverting the CDF at uniforms (B,).
+
+    The softmax and its CDF are float64: a float32 cumsum over a 152k vocabulary drifts by 1e-6 to 1e-4, more than
+    a rare token's probability. MPS has no float64, so there they are computed on the CPU.
+    """
+    device = logits.device
+    logits = logits.cpu() if device.type == "mps" else logits
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)  # (B, V)
+    u = uniforms[:, None].to(cdf) * cdf[:, -1:]  # (B, 1), below the total mass despite rounding
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): the first with cdf > u
+    return token.to(device)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_ids: list[int],
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each sampled response after its first EOS.
+    """Cut each sampled response after its first EOS, any of eos_ids.
 
     responses (B, R) sampled ids. Returns the responses with every token after
     the first EOS replaced by pad_id (B, R), the mask of kept tokens (B, R, EOS
     included) and has_eos (B,).
     """
-    is_eos = responses == eos_id
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     return responses.masked_fill(after, pad_id), ~after, is_eos.any(-1)
 

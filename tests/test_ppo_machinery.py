@@ -141,7 +141,7 @@ def test_batched_generation_matches_unbatched_greedy(causal_lm):
     """At a temperature near 0, sampling with left padding and the KV cache gives each prompt's greedy answer,
     computed here one prompt at a time by full forwards without a cache."""
     prompts, _, (query, query_mask, _, _) = random_rollout(causal_lm.config.vocab_size)
-    sampled = ppo.generate(causal_lm, query, query_mask, 6, 1e-6, eos_id=-1, uniforms=torch.rand(len(query), 6))
+    sampled = ppo.generate(causal_lm, query, query_mask, 6, 1e-6, eos_ids=[-1], uniforms=torch.rand(len(query), 6))
     for b, p in enumerate(prompts):
         ids = list(p)
         with torch.no_grad():

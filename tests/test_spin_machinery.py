@@ -49,7 +49,7 @@ def wrap_loss(monkeypatch, edit=lambda call, losses: losses) -> list:
 
 # --------------------------------------------------------------------------- data
 def rows_of(texts, tokenizer):
-    return spin.tokenize_sft(Dataset.from_list(texts), tokenizer, 512, 256, "train")
+    return spin.tokenize_sft(Dataset.from_list(texts), tokenizer, 512, 256, 5, "train")
 
 
 def test_the_three_sft_layouts_give_the_same_tokens(toy_tokenizer):
@@ -92,7 +92,7 @@ def test_generations_are_the_opponents_samples_and_reproducible(toy_model_dir, t
     <eos> when it has one; the same (seed, iteration) regenerates the same data, another iteration other data."""
     model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
     sft = spin.tokenize_sft(spin.load_splits(str(sft_dir), None, "train", "test", 0, 1)[0], toy_tokenizer, 512, 256,
-                            "train")
+                            5, "train")
     args = spin.Args(device="cpu")
     runtime = spin.Runtime(0, 1, torch.device("cpu"), bf16=False)
     make = lambda t: spin.self_play_pairs(spin.Forward(model), sft, toy_tokenizer, 0, args, t, "train", runtime)  # noqa: E731

@@ -37,7 +37,7 @@ def sft(out, steps: int, args: spin.Args) -> None:
     model, tok = toy.load(toy.os.path.join(toy.TOY, "model"))
     model.train()
     rows = spin.tokenize_sft(spin.load_splits(args.dataset_name, None, "train", "test", 0, args.seed)[0], tok, 512, 256,
-                             "train")
+                             args.max_new_tokens, "train")
     pairs = [{"chosen": r["real"], "chosen_start": r["real_start"], "rejected": r["real"],
               "rejected_start": r["real_start"], "index": i}
              for i, r in enumerate(rows)]
