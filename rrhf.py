@@ -21,7 +21,8 @@ Deviations and options
 - Tied scores make no pair; among tied top scores the SFT term takes the first. Rows whose scores are all tied, with
   fewer than 2 responses, or whose responses and scores differ in number are skipped, counted and reported.
 - Data: ranked rows (`prompt`, a list of k responses in --responses_column, k scores in --scores_column; strings, or
-  message lists), or any pairwise format read as k = 2 with scores (1, 0).
+  message lists), or any pairwise format read as k = 2 with scores (1, 0). In implicit-prompt pairs, words both
+  answers begin with count as prompt: the split sets each |y_i|, so it changes p_i and the loss.
 - `--reward_model_path` rescores every response with a reward model (the paper's setting; reward_model.py makes one);
   the data's scores, if any, are then only compared with it.
 
@@ -39,9 +40,8 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     train/p/mean                mean p of a group's responses, mean over groups
     train/p/pair_accuracy       fraction of a group's pairs with r_i < r_j that have p_i < p_j, mean over groups
     train/p/kendall_tau         Kendall's tau between p and the scores over each group's untied pairs, mean over groups
-    train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
-    train/epoch, perf/tokens_per_sec, eval/...   as in every script: fractional epoch, non-padding tokens per second,
-                                the same quantities on the held-out split every --eval_steps and at the end
+    train/lr, grad_norm, epoch  the learning rate, the gradient norm before clipping, the fractional epoch
+    perf/tokens_per_sec, eval/  non-padding tokens per second; the same on the held-out split (every --eval_steps, end)
 """
 
 import atexit
@@ -619,7 +619,8 @@ def is_conversation(value) -> bool:
 
 
 def split_implicit_prompt(chosen, rejected):
-    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text."""
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text (a response
+    then begins with the whitespace before its first word, as " like" does in "A: I like" vs "A: I hate")."""
     n = 0
     if isinstance(chosen, list):  # keep at least the last message as the response
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -627,7 +628,11 @@ def split_implicit_prompt(chosen, rejected):
         return chosen[:n], chosen[n:], rejected[n:]
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = max(chosen.rfind(" ", 0, n), 0)  # back up to a word boundary: "Assistant: I like" vs "... I hate"
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back over a word both may only begin with: "yes" vs "yesterday"
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # then over the whitespace before it, newlines included
+        cut -= 1
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
