@@ -176,7 +176,8 @@ def f_prime(log_ratio: torch.Tensor, divergence: str, alpha: float = 0.5) -> tor
     if divergence == "alpha":
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}; reverse_kl and forward_kl are its two ends")
-        return (1.0 - torch.exp(torch.clamp(-alpha * log_ratio, max=EXP_CAP))) / alpha
+        # -expm1(x) = 1 - e^x without the cancellation that loses float32's precision when alpha * log_ratio is small
+        return -torch.expm1(torch.clamp(-alpha * log_ratio, max=EXP_CAP)) / alpha
     raise ValueError(f"unknown divergence {divergence!r}: use reverse_kl, forward_kl, js or alpha")
 
 
