@@ -179,7 +179,8 @@ def f_prime(log_ratio: torch.Tensor, divergence: str, alpha: float = 0.5) -> tor
     if divergence == "alpha":
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}; reverse_kl and forward_kl are its two ends")
-        return (1.0 - torch.exp(torch.clamp(-alpha * log_ratio, max=EXP_CAP))) / alpha
+        # -expm1(x) = 1 - e^x without the cancellation that loses float32's precision when alpha * log_ratio is small
+        return -torch.expm1(torch.clamp(-alpha * log_ratio, max=EXP_CAP)) / alpha
     raise ValueError(f"unknown divergence {divergence!r}: use reverse_kl, forward_kl, js or alpha")
 
 
@@ -651,7 +652,8 @@ def is_conversation(value) -> bool:
 
 
 def split_implicit_prompt(chosen, rejected):
-    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text."""
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text (a response
+    then begins with the whitespace before its first word, as " like" does in "A: I like" vs "A: I hate")."""
     n = 0
     if isinstance(chosen, list):  # keep at least the last message as the response
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -659,7 +661,11 @@ def split_implicit_prompt(chosen, rejected):
         return chosen[:n], chosen[n:], rejected[n:]
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = max(chosen.rfind(" ", 0, n), 0)  # back up to a word boundary: "Assistant: I like" vs "... I hate"
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back over a word both may only begin with: "yes" vs "yesterday"
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # then over the whitespace before it, newlines included
+        cut -= 1
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 

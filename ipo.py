@@ -14,7 +14,8 @@ Deviations and options
 - `--average_log_probs` divides each response's summed log-probs (logged ones too) by its token count, as TRL's
   loss_type="ipo" does; the minimiser above then no longer holds (the regression runs on per-token averages).
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
-- Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. h is unchanged (they cancel).
+- Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. The summed h is unchanged (they
+  cancel), but --average_log_probs divides by token counts that this split sets, so there it changes the loss.
 
 Usage
     python ipo.py                                    # the embedded toy world, any CPU, about a minute
@@ -608,7 +609,8 @@ def is_conversation(value) -> bool:
 
 
 def split_implicit_prompt(chosen, rejected):
-    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text."""
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text (a response
+    then begins with the whitespace before its first word, as " like" does in "A: I like" vs "A: I hate")."""
     n = 0
     if isinstance(chosen, list):  # keep at least the last message as the response
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -616,7 +618,11 @@ def split_implicit_prompt(chosen, rejected):
         return chosen[:n], chosen[n:], rejected[n:]
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = max(chosen.rfind(" ", 0, n), 0)  # back up to a word boundary: "Assistant: I like" vs "... I hate"
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back over a word both may only begin with: "yes" vs "yesterday"
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # then over the whitespace before it, newlines included
+        cut -= 1
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 

@@ -20,7 +20,7 @@ Deviations and options
   offers. Its mean is the KL too, but as a reward its gradient is not the KL's, and its fixed point is not pi*; k1 is.
 - `--advantage_estimator rloo`: no value model. Each prompt gets `--rloo_k` responses; a response's advantage is its
   return (score - beta * sum_t kl_t) minus the mean of the other k - 1 (Ahmadian et al. Sec. 3), given to each of its
-  tokens and whitened by default (Ahmadian et al. do not; `--no-whiten_advantages` undoes it).
+  tokens, not whitened (as Ahmadian et al. and TRL; `--rloo_normalize_advantages` divides them by their std).
 - Responses end at the first EOS, the tokenizer's or any in generation_config.eos_token_id; one without an EOS within
   `--max_new_tokens` is scored at its last token, minus `--missing_eos_penalty`, and is terminal (V = 0), as in TRL.
 - The reward model shares the policy's tokenizer (a one-label *ForSequenceClassification, as reward_model.py makes)
@@ -112,7 +112,9 @@ class Args:
     lam: float = 0.95
     """GAE lambda"""
     whiten_advantages: bool = True
-    """normalise advantages to mean 0 and variance 1 over the rollout's response tokens"""
+    """gae: normalise advantages to mean 0 and variance 1 over the rollout's response tokens"""
+    rloo_normalize_advantages: bool = False
+    """rloo: divide the advantages by their std over the rollout's responses, each counted once (off in TRL too)"""
     cliprange: float = 0.2
     """PPO ratio clip epsilon (PPO Eq. 7)"""
     cliprange_value: float = 0.2
@@ -244,15 +246,19 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     return advantages, (advantages + values) * mask
 
 
-def rloo_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+def rloo_advantages(returns: torch.Tensor, k: int, normalize: bool = False) -> torch.Tensor:
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, arXiv:2402.14740; Kool et al. 2019).
 
     returns (B,), B = n * k, the k responses of each prompt contiguous. Each
     response's baseline is the mean return of the other k - 1: returns (B,).
+    They sum to 0 in each group: never whitened over tokens (that weighs each
+    response by its length and can flip signs); `normalize` divides them by
+    their std over the B responses, as TRL's normalize_advantages (signs stay).
     """
     r = returns.view(-1, k)  # (n, k)
     baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
-    return (r - baseline).view(-1)
+    advantages = (r - baseline).view(-1)
+    return advantages / (advantages.std() + 1e-8) if normalize else advantages
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -454,14 +460,14 @@ def train(args: Args) -> dict:
         kl = kl_per_token(logps, batch["ref_logps"], args.kl_estimator)
         rewards, scores = token_rewards(batch["scores"], kl, mask, batch["has_eos"], args.beta,
                                         args.missing_eos_penalty)
-        # 6. advantages: GAE with the value model, or the leave-one-out baseline; then whitening
+        # 6. advantages: GAE with the value model, then whitening; or the leave-one-out baseline, never whitened
         if rloo:
-            advantages = rloo_advantages(rewards.sum(-1), args.rloo_k)[:, None] * mask  # each token gets its response's
-            returns = None
+            advantages = rloo_advantages(rewards.sum(-1), args.rloo_k, args.rloo_normalize_advantages)  # (B,)
+            advantages, returns = advantages[:, None] * mask, None  # each token gets its response's
         else:
             advantages, returns = gae_advantages(rewards, values, mask, args.gamma, args.lam)
-        if args.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            if args.whiten_advantages:
+                advantages = whiten(advantages, mask)
 
         # 7. PPO epochs: shuffled minibatches, each one optimizer step over its micro-batches
         update_start, stats, norms_seen = time.perf_counter(), Counter(), Counter()

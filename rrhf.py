@@ -21,7 +21,8 @@ Deviations and options
 - Tied scores make no pair; among tied top scores the SFT term takes the first. Rows whose scores are all tied, with
   fewer than 2 responses, or whose responses and scores differ in number are skipped, counted and reported.
 - Data: ranked rows (`prompt`, a list of k responses in --responses_column, k scores in --scores_column; strings, or
-  message lists), or any pairwise format read as k = 2 with scores (1, 0).
+  message lists), or any pairwise format read as k = 2 with scores (1, 0). In implicit-prompt pairs, words both
+  answers begin with count as prompt: the split sets each |y_i|, so it changes p_i and the loss.
 - `--reward_model_path` rescores every response with a reward model (the paper's setting; reward_model.py makes one);
   the data's scores, if any, are then only compared with it.
 
@@ -39,9 +40,8 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     train/p/mean                mean p of a group's responses, mean over groups
     train/p/pair_accuracy       fraction of a group's pairs with r_i < r_j that have p_i < p_j, mean over groups
     train/p/kendall_tau         Kendall's tau between p and the scores over each group's untied pairs, mean over groups
-    train/lr, train/grad_norm   learning rate, and the gradient norm before clipping
-    train/epoch, perf/tokens_per_sec, eval/...   as in every script: fractional epoch, non-padding tokens per second,
-                                the same quantities on the held-out split every --eval_steps and at the end
+    train/lr, grad_norm, epoch  the learning rate, the gradient norm before clipping, the fractional epoch
+    perf/tokens_per_sec, eval/  non-padding tokens per second; the same on the held-out split (every --eval_steps, end)
 """
 
 import atexit
@@ -654,7 +654,8 @@ def is_conversation(value) -> bool:
 
 
 def split_implicit_prompt(chosen, rejected):
-    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text."""
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text (a response
+    then begins with the whitespace before its first word, as " like" does in "A: I like" vs "A: I hate")."""
     n = 0
     if isinstance(chosen, list):  # keep at least the last message as the response
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -662,7 +663,11 @@ def split_implicit_prompt(chosen, rejected):
         return chosen[:n], chosen[n:], rejected[n:]
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = max(chosen.rfind(" ", 0, n), 0)  # back up to a word boundary: "Assistant: I like" vs "... I hate"
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back over a word both may only begin with: "yes" vs "yesterday"
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # then over the whitespace before it, newlines included
+        cut -= 1
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
@@ -708,9 +713,8 @@ def tokenize_groups(dataset, tokenizer, max_length: int, max_prompt_length: int,
     """Each usable row as a group: its k sequences (prompt + response ids), where each response starts, its k scores.
 
     Scores come from `override` (a reward model's, one list per row) if given,
-    else from the scores column, else (pairwise rows) are (1, 0). Each
-    response is truncated by the shared rule: the prompt keeps its end, then the
-    response its start.
+    else from the scores column, else (pairwise rows) are (1, 0). A group is
+    truncated as a whole (truncate_group), so its responses share one context.
     """
     rows, skipped, truncated, empty = [], Counter(), 0, 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
@@ -734,29 +738,35 @@ def tokenize_groups(dataset, tokenizer, max_length: int, max_prompt_length: int,
         if min(scores) == max(scores):
             skipped["all scores tied"] += 1
             continue
-        sequences, starts = [], []
-        for response in responses:
-            prompt_ids, response_ids = tokenize_response(tokenizer, prompt, response, templated)
-            if not prompt_ids:  # the whole prompt merged into the response: nothing to condition on
-                break
-            if len(prompt_ids) + len(response_ids) > max_length:
-                truncated += 1
-                prompt_ids = prompt_ids[-max_prompt_length:]
-                response_ids = response_ids[: max_length - len(prompt_ids)]
-            empty += response_ids == [tokenizer.eos_token_id]
-            sequences.append(prompt_ids + response_ids)
-            starts.append(len(prompt_ids))
-        if len(sequences) < len(responses):
+        tokenized = [tokenize_response(tokenizer, prompt, response, templated) for response in responses]
+        if not all(prompt_ids for prompt_ids, _ in tokenized):  # the whole prompt merged into a response: no condition
             skipped["empty prompt or response"] += 1
             continue
+        tokenized, cut = truncate_group(tokenized, max_length, max_prompt_length)
+        truncated += cut
+        empty += sum(response_ids == [tokenizer.eos_token_id] for _, response_ids in tokenized)
+        sequences = [prompt_ids + response_ids for prompt_ids, response_ids in tokenized]
+        starts = [len(prompt_ids) for prompt_ids, _ in tokenized]
         rows.append({"seqs": sequences, "starts": starts, "scores": scores, "index": len(rows)})
     report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
     sizes = ", ".join(f"{n} x{c}" for n, c in sorted(Counter(len(r["seqs"]) for r in rows).items()))
     print(f"{desc}: {len(rows)} groups kept of {len(dataset)} (k: {sizes}; {empty} empty responses scored as <eos> "
-          f"alone); {truncated} responses truncated to {max_length} tokens; skipped: {report}")
+          f"alone); {truncated} groups truncated to {max_length} tokens; skipped: {report}")
     if not rows:
         raise ValueError(f"no usable groups in the {desc} split")
     return rows
+
+
+def truncate_group(tokenized: list[tuple[list[int], list[int]]], max_length: int,
+                   max_prompt_length: int) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """A group's (prompt_ids, response_ids) pairs, cut once for the whole group, by the rule dpo.py applies to a pair:
+    if the longest prompt + response exceeds max_length, every prompt keeps its last max_prompt_length tokens, then
+    each response its start. So the k responses follow one context (the official code tokenizes the query once per
+    group). Also returns whether it cut."""
+    if max(len(prompt_ids) + len(response_ids) for prompt_ids, response_ids in tokenized) <= max_length:
+        return tokenized, False
+    prompts = [prompt_ids[-max_prompt_length:] for prompt_ids, _ in tokenized]
+    return [(p, response_ids[: max_length - len(p)]) for p, (_, response_ids) in zip(prompts, tokenized)], True
 
 
 def reward_model_scores(dataset, reward_model, tokenizer, max_length: int, max_prompt_length: int, desc: str,
@@ -773,11 +783,11 @@ def reward_model_scores(dataset, reward_model, tokenizer, max_length: int, max_p
     sequences, owner = [], []  # every (prompt + response) sequence, and its (row, slot)
     for i, row in enumerate(dataset):
         texts = group_texts(row, i, tokenizer, kind, responses_column)
-        for j, response in enumerate(texts[1] if texts is not None else []):
-            prompt_ids, response_ids = tokenize_response(tokenizer, texts[0], response, texts[2])
-            if len(prompt_ids) + len(response_ids) > max_length:
-                prompt_ids = prompt_ids[-max_prompt_length:]
-                response_ids = response_ids[: max_length - len(prompt_ids)]
+        if texts is None or not texts[1]:
+            continue
+        tokenized = [tokenize_response(tokenizer, texts[0], response, texts[2]) for response in texts[1]]
+        tokenized, _ = truncate_group(tokenized, max_length, max_prompt_length)  # the context the policy trains on
+        for j, (prompt_ids, response_ids) in enumerate(tokenized):
             sequences.append(prompt_ids + response_ids)
             owner.append((i, j))
     counts = Counter(i for i, _ in owner)

@@ -14,6 +14,8 @@ memory, which is SLiC-HF's efficiency argument against RLHF and DPO. There is no
 Deviations and options
 - y_ref comes from `--target_column` (default `sft_target`, in the format of `chosen`) where the dataset has that
   column; otherwise it is the chosen answer, whose log-prob is reused. A target needs an explicit prompt column.
+- Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. The hinge is unchanged (they
+  cancel), but the regulariser's log pi(y_ref|x) leaves them out, so the split changes the loss.
 - Not TRL's loss_type="hinge", which puts beta-scaled log-ratios to a reference model inside the hinge.
 - The paper also ranks decoded samples with a ranking model (SLiC-HF-sample-rank); this file trains on given pairs
   (SLiC-HF-direct). Pairs sampled and ranked offline are just another preference dataset.
@@ -657,7 +659,8 @@ def is_conversation(value) -> bool:
 
 
 def split_implicit_prompt(chosen, rejected):
-    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text."""
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text (a response
+    then begins with the whitespace before its first word, as " like" does in "A: I like" vs "A: I hate")."""
     n = 0
     if isinstance(chosen, list):  # keep at least the last message as the response
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -665,7 +668,11 @@ def split_implicit_prompt(chosen, rejected):
         return chosen[:n], chosen[n:], rejected[n:]
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = max(chosen.rfind(" ", 0, n), 0)  # back up to a word boundary: "Assistant: I like" vs "... I hate"
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back over a word both may only begin with: "yes" vs "yesterday"
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # then over the whitespace before it, newlines included
+        cut -= 1
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 

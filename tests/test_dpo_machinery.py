@@ -208,10 +208,14 @@ LIKE, HATE, OK = ({"role": "assistant", "content": t} for t in ("I like it", "I 
 @pytest.mark.parametrize("chosen, rejected, expected", [
     (HH + " I like it", HH + " I hate it", (HH + " I", " like it", " hate it")),  # backs up to a word boundary
     (HH + " yes", HH + " yes please", (HH, " yes", " yes please")),  # one response is a prefix of the other
+    # issue 17, defect 9: a newline is a word boundary too (backing up to a space split after "H:"), and a response
+    # begins with all the whitespace before its first word, as " like it" does above
+    ("H: hi\nA:\nYes", "H: hi\nA:\nNo", ("H: hi\nA:", "\nYes", "\nNo")),
+    (HH + "\n\tYes", HH + "\n\tNo", (HH, "\n\tYes", "\n\tNo")),
     ([USER, LIKE], [USER, HATE], ([USER], [LIKE], [HATE])),
     ([USER, OK, USER2, LIKE], [USER, OK, USER2, HATE], ([USER, OK, USER2], [LIKE], [HATE])),
     ([USER, LIKE], [USER, LIKE], ([USER], [LIKE], [LIKE])),  # the last message always stays a response
-], ids=["text", "text-prefix", "messages", "multi-turn", "identical"])
+], ids=["text", "text-prefix", "newline", "whitespace-run", "messages", "multi-turn", "identical"])
 def test_split_implicit_prompt(chosen, rejected, expected):
     assert dpo.split_implicit_prompt(chosen, rejected) == expected
 

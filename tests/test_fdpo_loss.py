@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpo import dpo_loss
-from fdpo import EXP_CAP, fdpo_loss
+from fdpo import EXP_CAP, f_prime, fdpo_loss
 from helpers import softplus
 
 HAND_F_PRIME = {
@@ -52,6 +52,49 @@ def test_alpha_interpolates_between_the_two_kls():
     for end, alpha in (("reverse_kl", 1e-7), ("forward_kl", 1 - 1e-7)):
         torch.testing.assert_close(fdpo_loss(*inputs, beta=0.5, divergence="alpha", alpha=alpha)[0],
                                    fdpo_loss(*inputs, beta=0.5, divergence=end)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1e-4, 0.01])
+def test_alpha_f_prime_keeps_float32_precision_for_small_alpha(alpha):
+    """Issue 17, defect 10. f'(u) = (1 - e^{-alpha a}) / alpha at a = 1e-3: 1 - e^{-x} for x = alpha a ~ 1e-7 cancels
+    in float32 (relative error 19% at alpha 1e-4, 1.4e-3 at 0.01), while -expm1(-x) keeps float32's precision. The
+    closed form is evaluated here in float64 from the Taylor series 1 - e^{-x} = x - x^2/2 + x^3/6 - ... (x <= 1e-5,
+    so four terms are exact to float64), at the float32 value of a."""
+    a = torch.tensor([1e-3], dtype=torch.float32)
+    x = alpha * a.item()
+    want = (x - x**2 / 2 + x**3 / 6 - x**4 / 24) / alpha
+    got = f_prime(a, "alpha", alpha)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want) / want < 1e-6
+
+
+# f''(u) * u, the derivative of f'(u) with respect to a = log u, by hand: f' = log u + 1 -> 1/u; f' = -1/u -> 1/u^2;
+# f' = log(2u/(1+u)) -> 1/u - 1/(1+u) = 1/(u(1+u)); f' = (1 - u^{-alpha})/alpha -> u^{-alpha-1}; each times u.
+HAND_F_SECOND_TIMES_U = {
+    "reverse_kl": lambda a, alpha: 1.0,
+    "forward_kl": lambda a, alpha: math.exp(-a),
+    "js": lambda a, alpha: 1 / (1 + math.exp(a)),
+    "alpha": lambda a, alpha: math.exp(-alpha * a),
+}
+
+
+@pytest.mark.parametrize("divergence, alpha", DIVERGENCES)
+def test_gradients_match_hand_values(divergence, alpha):
+    """With z = beta (f'(u_w) - f'(u_l)) and u = e^a, a = log pi - log pi_ref, the loss -log sigmoid(z) has
+    d/d log pi(y_w) = -sigmoid(-z) beta f''(u_w) u_w, d/d log pi(y_l) = +sigmoid(-z) beta f''(u_l) u_l, and the
+    reference's log-probs the opposite signs."""
+    beta = 0.5
+    inputs = [torch.tensor(col, dtype=torch.float64, requires_grad=True) for col in zip(*CASES)]
+    losses, _, _ = fdpo_loss(*inputs, beta=beta, divergence=divergence, alpha=alpha or 0.5)
+    losses.sum().backward()
+    f, f2u = HAND_F_PRIME[divergence], HAND_F_SECOND_TIMES_U[divergence]
+    for k, (pc, pr, rc, rr) in enumerate(CASES):
+        a_w, a_l = pc - rc, pr - rr
+        weight = beta / (1 + math.exp(beta * (f(a_w, alpha) - f(a_l, alpha))))  # beta sigmoid(-z)
+        want = [-weight * f2u(a_w, alpha), weight * f2u(a_l, alpha)]
+        want += [-want[0], -want[1]]
+        for x, w in zip(inputs, want):
+            assert x.grad[k].item() == pytest.approx(w, rel=1e-10, abs=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,7 +5,8 @@ that per-token KL terms, the score at the last token and GAE's credit assignment
 reference are tables of softmax logits, one row per state (the empty prefix, then each first token); the reward
 r(y) ~ U[0, 1] is paid at the last token. Each iteration samples a rollout from the policy and goes through the
 script's steps: kl_per_token -> token_rewards -> gae_advantages (with a tabular value table, trained by
-ppo_value_loss) or rloo_advantages -> whiten -> epochs of ppo_policy_loss on minibatches, with Adam.
+ppo_value_loss) -> whiten, or rloo_advantages (whitened: normalised per response, as --rloo_normalize_advantages
+does) -> epochs of ppo_policy_loss on minibatches, with Adam.
 
 With the k1 estimator the fixed point is pi*(y) = pi_ref(y) exp(r(y)/beta) / Z: at pi* every response's summed
 reward r(y) - beta * log(pi(y)/pi_ref(y)) = beta log Z is the same, so every advantage vanishes. That makes the
@@ -79,12 +80,13 @@ def train_tabular(advantage_estimator: str, whitened: bool, L: int, seed: int, k
             kl = kl_per_token(old_logps, token_logps(ref_logits, tokens), kl_estimator)
             rewards, _ = token_rewards(reward[seqs], kl, mask, torch.ones(SAMPLES, dtype=torch.bool), BETA)
             if advantage_estimator == "rloo":  # one prompt: consecutive groups of k samples share a baseline
-                advantages, returns = rloo_advantages(rewards.sum(-1), RLOO_K)[:, None] * mask, None
+                advantages = rloo_advantages(rewards.sum(-1), RLOO_K, normalize=whitened)
+                advantages, returns = advantages[:, None] * mask, None
             else:
                 old_values = value[states(tokens)]
                 advantages, returns = gae_advantages(rewards, old_values, mask, 1.0, 0.95)
-            if whitened:
-                advantages = whiten(advantages, mask)
+                if whitened:
+                    advantages = whiten(advantages, mask)
         for _ in range(EPOCHS):
             for mb in torch.randperm(SAMPLES, generator=g).chunk(MINIBATCHES):
                 losses, _, _ = ppo_policy_loss(token_logps(theta, tokens[mb]), old_logps[mb], advantages[mb], 0.2)

@@ -132,6 +132,22 @@ def test_rloo_baseline_is_the_mean_of_the_other_samples():
     close(rloo_advantages(t([2.0, 5.0]), 2), [-3.0, 3.0])  # k = 2: the other sample is the baseline
 
 
+def test_rloo_advantages_keep_their_signs():
+    """Issue 17, defect 6: two prompts, k = 2, responses of 10, 1, 1 and 1 tokens, returns 1, -1, 0.1, -0.1. The
+    leave-one-out advantages are 2, -2, 0.2, -0.2, and they already sum to 0 in each group. Whitening them over tokens
+    weighed the first response 10 times (mean 1.34 over the 13 tokens) and gave [0.49, -2.68, -0.94, -1.25]: the
+    better answer to the second prompt was pushed down. Normalised, they are divided by their std over the 4
+    responses, each counted once (their mean is 0): signs and ratios stay."""
+    raw = [2.0, -2.0, 0.2, -0.2]
+    std = math.sqrt(sum(a * a for a in raw) / 3)  # Bessel's correction, about the mean 0
+    returns = t([1.0, -1.0, 0.1, -0.1])
+    close(rloo_advantages(returns, 2), raw)
+    close(rloo_advantages(returns, 2, normalize=True), [a / (std + 1e-8) for a in raw])
+    for normalize in (False, True):
+        advantages = rloo_advantages(returns, 2, normalize=normalize)
+        assert advantages[0] > 0 > advantages[1] and advantages[2] > 0 > advantages[3]  # the better answer of each
+
+
 # --------------------------------------------------------------------------- the clipped losses
 # (ratio, advantage): inside the clip, above it, below it, each with both advantage signs
 CASES = [(1.1, 2.0), (1.1, -2.0), (1.5, 2.0), (1.5, -2.0), (0.5, 2.0), (0.5, -2.0), (1.0, 0.75), (0.9, -0.5)]

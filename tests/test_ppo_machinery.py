@@ -290,6 +290,47 @@ def test_options_run(train_run, config, monkeypatch):
         assert run.metrics["objective/kl"] >= 0  # k3 is non-negative token by token
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalised"])
+def test_rloo_advantages_reach_the_loss_unwhitened(train_run, monkeypatch, normalize):
+    """Issue 17, defect 6. Every token of a response gets its leave-one-out advantage, R_i minus the other answer's
+    return (k = 2), computed here from the rollout's own per-token rewards; with --rloo_normalize_advantages, divided
+    by their std over the responses, each counted once. The advantages were whitened over tokens, which weighs each
+    response by its length. Each micro-batch's rows are found in the rollout by their sampled log-probs."""
+    seen = {}
+    real_rewards, real_loss = ppo.token_rewards, ppo.ppo_policy_loss
+
+    def token_rewards(*args, **kwargs):
+        seen["rewards"], _ = out = real_rewards(*args, **kwargs)
+        seen["mask"] = args[2]
+        return out
+
+    def ppo_policy_loss(logps, old_logps, advantages, cliprange):
+        seen.setdefault("micro", []).append((old_logps.detach().clone(), advantages.detach().clone()))
+        return real_loss(logps, old_logps, advantages, cliprange)
+
+    monkeypatch.setattr(ppo, "token_rewards", token_rewards)
+    monkeypatch.setattr(ppo, "ppo_policy_loss", ppo_policy_loss)
+    monkeypatch.setattr(ppo, "kl_per_token", lambda logps, *a, real=ppo.kl_per_token: seen.update(logps=logps)
+                        or real(logps, *a))
+    train_run(fresh=True, num_rollouts=1, save_steps=0, eval_steps=0, advantage_estimator="rloo", rloo_k=2,
+              rloo_normalize_advantages=normalize)
+    mask, logps = seen["mask"], seen["logps"]
+    returns = (seen["rewards"] * mask).sum(-1).tolist()
+    assert len(set(mask.sum(-1).tolist())) > 1  # responses of different lengths, where whitening over tokens differs
+    want = [returns[i] - returns[i ^ 1] for i in range(len(returns))]  # k = 2: rows 2g and 2g + 1 share a prompt
+    if normalize:
+        std = (sum(a * a for a in want) / (len(want) - 1)) ** 0.5
+        want = [a / (std + 1e-8) for a in want]
+    checked = set()
+    for old_logps, advantages in seen["micro"]:
+        for row_logps, row_advantages in zip(old_logps, advantages):
+            (i,) = [i for i in range(len(logps)) if torch.equal(logps[i], row_logps)]
+            torch.testing.assert_close(row_advantages, want[i] * mask[i].to(row_advantages.dtype), rtol=1e-5,
+                                       atol=1e-6)
+            checked.add(i)
+    assert checked == set(range(len(logps)))
+
+
 def test_rloo_needs_two_samples(train_run):
     with pytest.raises(ValueError, match="rloo_k >= 2"):
         train_run(fresh=True, advantage_estimator="rloo", rloo_k=1)

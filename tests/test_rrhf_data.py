@@ -37,6 +37,47 @@ def test_bad_rows_are_counted_and_reported(toy_tokenizer, capsys):
             and "fewer than 2 responses: 1" in out)
 
 
+def test_a_group_shares_one_truncated_prompt(toy_tokenizer, capsys):
+    """Issue 17, defect 5. The group's longest sequence, `<|user|> how was the food ? <|assistant|> great food party
+    <|end|>`, has 11 tokens, over max_length 9: the group's prompt is cut once, to its last max_prompt_length = 4
+    tokens, so " good" follows the same context as " great food party" (it used to keep all 7 prompt tokens, since
+    its own sequence fits). A group that fits keeps its whole prompt."""
+    row = ranked_row(["good", "great food party"], [1.0, 0.0])
+    (group,) = rrhf.tokenize_groups(Dataset.from_list([row]), toy_tokenizer, 9, 4, "train", "ranked", "completions",
+                                    "scores")
+    context = ["the", "food", "?", "<|assistant|>"]
+    assert [toy_tokenizer.convert_ids_to_tokens(s) for s in group["seqs"]] == [
+        context + ["good", "<|end|>"], context + ["great", "food", "party", "<|end|>"]]
+    assert group["starts"] == [4, 4]
+    assert "1 groups truncated to 9 tokens" in capsys.readouterr().out
+    (whole,) = rrhf.tokenize_groups(Dataset.from_list([row]), toy_tokenizer, 11, 4, "train", "ranked", "completions",
+                                    "scores")
+    assert whole["starts"] == [7, 7] and len(whole["seqs"][1]) == 11
+
+
+def test_the_reward_model_scores_a_group_on_its_shared_prompt(toy_tokenizer):
+    """The same group rescored by --reward_model_path: each response is read after the group's one truncated
+    context, the context the policy is trained on (a stand-in reward model records what it is given)."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, read, input_ids, attention_mask):
+            seen.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+            return torch.zeros(len(input_ids), 1)
+
+    row = ranked_row(["good", "great food party"], [1.0, 0.0])
+    runtime = rrhf.Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False)
+    rrhf.reward_model_scores(Dataset.from_list([row]), Recorder(), toy_tokenizer, 9, 4, "train", "ranked",
+                             "completions", 8, runtime)
+    context = ["the", "food", "?", "<|assistant|>"]
+    assert sorted(toy_tokenizer.convert_ids_to_tokens(s) for s in seen) == sorted(
+        [context + ["good", "<|end|>"], context + ["great", "food", "party", "<|end|>"]])
+
+
 @pytest.mark.parametrize("row, match", [
     (ranked_row(["great food", "awful"], ["4", "high"]),
      r"row 0: column 'scores' should be a list of finite numbers, got .\['4', 'high'\]."),
