@@ -143,7 +143,7 @@ class Args:
 
     def __post_init__(self):  # a bad value stops the run before any work, naming the flag
         if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
+            raise UsageError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
                              f"({self.max_length}) to leave room for a response")
 
 
@@ -316,7 +316,7 @@ def setup(args) -> Runtime:
     """torchrun's process group (none under a plain `python`), every RNG seeded alike, and the device."""
     rank, world = init_distributed()
     if args.fsdp and not dist.is_initialized():
-        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+        raise UsageError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
     if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
         args.resume_from = latest_checkpoint(args.output_dir)
@@ -378,7 +378,7 @@ def load_tokenizer(path: str):
     """(tokenizer, pad_id): the pad token, or the eos token where there is none (padding is masked)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {path!r} has no eos token; responses need one")
+        raise UsageError(f"tokenizer of {path!r} has no eos token; responses need one")
     return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -462,7 +462,7 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
         return None
     state_file = os.path.join(path, "training_state.pt")
     if not os.path.isfile(state_file):
-        raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps "
+        raise UsageError(f"--resume_from needs a checkpoint directory written with --save_steps "
                                 f"(output_dir/checkpoint-N); {path!r} has no training_state.pt")
     return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
 
@@ -487,12 +487,12 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
     if os.path.isfile(path):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
         if kind is None:
-            raise ValueError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
+            raise UsageError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
         data = DatasetDict({"train": load_dataset(kind, data_files=path, split="train")})
     else:
         data = load_dataset(path, config)
     if train_split not in data:
-        raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
+        raise UsageError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
     if eval_split in data:
         return data[train_split], data[eval_split]
     rows = len(data[train_split])
@@ -554,7 +554,7 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, 
     print(f"{desc}: {len(rows)} pairs kept of {len(dataset)} ({empty} empty responses scored as <eos> alone); "
           f"{truncated} truncated to {max_length} tokens; skipped: {report}")
     if not rows:
-        raise ValueError(f"no usable pairs in the {desc} split")
+        raise UsageError(f"no usable pairs in the {desc} split")
     return rows
 
 
@@ -563,7 +563,7 @@ def check_columns(dataset, name: str) -> None:
     columns = set(dataset.column_names)
     missing = [c for c in ("chosen", "rejected") if c not in columns]
     if missing:
-        raise ValueError(f"dataset {name!r} has no column {missing[0]!r} (columns: {sorted(columns)}).\n{FORMATS}")
+        raise UsageError(f"dataset {name!r} has no column {missing[0]!r} (columns: {sorted(columns)}).\n{FORMATS}")
 
 
 def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str, bool]]:
@@ -575,7 +575,7 @@ def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str,
             continue
         if not (is_conversation(value) if chat else isinstance(value, str)):
             kind = "a list of {'role', 'content'} messages" if chat else "a string"
-            raise ValueError(f"row {index}: column {column!r} should be {kind} like 'chosen', got "
+            raise UsageError(f"row {index}: column {column!r} should be {kind} like 'chosen', got "
                              f"{type(value).__name__}: {str(value)[:80]!r}\n{FORMATS}")
     if prompt is None:  # implicit prompt: the shared prefix of chosen and rejected
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
@@ -591,13 +591,13 @@ def chat_texts(tokenizer, prompt: list, responses: list, index: int) -> tuple[st
     """The prompt's messages rendered by the chat template up to the assistant's turn, and each response's messages as
     the text the template adds after that: prompt_text + response_text is the whole rendered conversation."""
     if tokenizer.chat_template is None:
-        raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
+        raise UsageError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     texts = []
     for response in responses:
         full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if not full.startswith(prompt_text):
-            raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its "
+            raise UsageError(f"row {index}: the chat template renders the conversation without the prompt as its "
                              "prefix; cannot separate the response")
         # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
         texts.append(full[len(prompt_text) :].rstrip())
@@ -670,7 +670,7 @@ class TrainBatches:
         self.batch_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
         self.batches_per_epoch = math.ceil(len(rows) / self.batch_size)  # the last one short unless it divides
         if self.batches_per_epoch < self.accumulation:
-            raise ValueError(f"{len(rows)} training rows make {self.batches_per_epoch} micro-batches of "
+            raise UsageError(f"{len(rows)} training rows make {self.batches_per_epoch} micro-batches of "
                              f"{self.batch_size}, fewer than gradient_accumulation_steps={self.accumulation}")
         # every micro-batch of every epoch is trained on: a step takes the next `accumulation` of them, across an
         # epoch boundary if need be, and the run's last step takes what is left
@@ -854,7 +854,7 @@ def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) ->
         gap = model(log_prob_gap, input_ids, start)
     if gap > 0.05:
         config = unwrap(model).config
-        raise ValueError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
+        raise UsageError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
                          f"differ from the model's own logits by {gap:.3f} nats a token. Its LM head's output is "
                          "scaled in a way lm_logits does not know; add the model family there.")
 
@@ -1131,5 +1131,14 @@ def unwrap(model):
     return (model.module if isinstance(model, DDP) else model).model
 
 
+class UsageError(ValueError):
+    """A bad flag, column, value or path, found on purpose: the script prints the message alone and exits with status 2,
+    as for a bad command line. Any other error keeps its traceback."""
+
+
 if __name__ == "__main__":
-    train(tyro.cli(Args, use_underscores=True))
+    try:
+        train(tyro.cli(Args, use_underscores=True))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -178,9 +178,9 @@ class Args:
 
     def __post_init__(self):  # a bad value stops the run before any work, naming the flag
         if self.advantage_estimator == "rloo" and self.rloo_k < 2:
-            raise ValueError(f"--advantage_estimator rloo needs rloo_k >= 2 responses per prompt, got {self.rloo_k}")
+            raise UsageError(f"--advantage_estimator rloo needs rloo_k >= 2 responses per prompt, got {self.rloo_k}")
         if self.temperature <= 0 or self.max_new_tokens < 1:
-            raise ValueError("PPO samples its responses: temperature must be > 0 and max_new_tokens >= 1")
+            raise UsageError("PPO samples its responses: temperature must be > 0 and max_new_tokens >= 1")
 
 
 
@@ -356,7 +356,7 @@ def train(args: Args) -> dict:
     policy_path = resolve_path(args.resume_from or args.model_name_or_path)
     rm_path = resolve_path(args.reward_model_path)
     if args.reward_model_path == Args.reward_model_path and not os.path.isdir(rm_path):
-        raise FileNotFoundError(f"no reward model at {rm_path!r}: train one first with `python reward_model.py` (it "
+        raise UsageError(f"no reward model at {rm_path!r}: train one first with `python reward_model.py` (it "
                                 "saves to runs/reward_model), or pass --reward_model_path")
     tokenizer, pad_id = load_tokenizer(policy_path)
     check_same_tokenizer(rm_path, tokenizer)
@@ -366,7 +366,7 @@ def train(args: Args) -> dict:
                            trained=False)
     reward_model = load_model(rm_path, args, runtime, trained=False, model_class=AutoModelForSequenceClassification)
     if unwrap(reward_model).config.num_labels != 1:
-        raise ValueError(f"the reward model {rm_path!r} has {unwrap(reward_model).config.num_labels} labels; a "
+        raise UsageError(f"the reward model {rm_path!r} has {unwrap(reward_model).config.num_labels} labels; a "
                          "scalar reward needs 1")
     value_model = None
     if not rloo:  # a resumed run's own; else the reward model (InstructGPT) or the policy, with a new head
@@ -593,7 +593,7 @@ def setup(args) -> Runtime:
     """torchrun's process group (none under a plain `python`), every RNG seeded alike, and the device."""
     rank, world = init_distributed()
     if args.fsdp and not dist.is_initialized():
-        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+        raise UsageError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
     if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
         args.resume_from = latest_checkpoint(args.output_dir)
@@ -655,7 +655,7 @@ def load_tokenizer(path: str):
     """(tokenizer, pad_id): the pad token, or the eos token where there is none (padding is masked)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {path!r} has no eos token; responses need one")
+        raise UsageError(f"tokenizer of {path!r} has no eos token; responses need one")
     return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -663,7 +663,7 @@ def check_same_tokenizer(rm_path: str, tokenizer) -> None:
     """The reward model scores the policy's token ids: where it has its own tokenizer, the vocabularies must match."""
     if os.path.isfile(os.path.join(rm_path, "tokenizer_config.json")):
         if AutoTokenizer.from_pretrained(rm_path).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"the reward model {rm_path!r} has another tokenizer than the policy; it must score the "
+            raise UsageError(f"the reward model {rm_path!r} has another tokenizer than the policy; it must score the "
                              "policy's tokens")
 
 
@@ -755,7 +755,7 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
         return None
     state_file = os.path.join(path, "training_state.pt")
     if not os.path.isfile(state_file):
-        raise FileNotFoundError(f"--resume_from needs a checkpoint directory written with --save_steps "
+        raise UsageError(f"--resume_from needs a checkpoint directory written with --save_steps "
                                 f"(output_dir/checkpoint-N); {path!r} has no training_state.pt")
     return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
 
@@ -777,12 +777,12 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
     if os.path.isfile(path):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
         if kind is None:
-            raise ValueError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
+            raise UsageError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
         data = DatasetDict({"train": load_dataset(kind, data_files=path, split="train")})
     else:
         data = load_dataset(path, config)
     if train_split not in data:
-        raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
+        raise UsageError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
     if eval_split in data:
         return data[train_split], data[eval_split]
     rows = len(data[train_split])
@@ -805,7 +805,7 @@ def is_conversation(value) -> bool:
 def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, desc: str) -> list[list[int]]:
     """Token ids of every prompt: message lists through the chat template (with the generation prompt), text as is."""
     if "prompt" not in dataset.column_names:
-        raise ValueError(f"the {desc} split has no column 'prompt' (columns: {sorted(dataset.column_names)}); "
+        raise UsageError(f"the {desc} split has no column 'prompt' (columns: {sorted(dataset.column_names)}); "
                          "it should hold text, or a list of {'role', 'content'} messages")
     prompts, truncated, skipped = [], 0, 0
     for i, prompt in enumerate(dataset["prompt"]):
@@ -814,20 +814,20 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, desc: str) -> l
             continue
         if is_conversation(prompt):
             if tokenizer.chat_template is None:
-                raise ValueError("conversational prompts need a tokenizer with a chat template; this one has none")
+                raise UsageError("conversational prompts need a tokenizer with a chat template; this one has none")
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own bos
         elif isinstance(prompt, str):
             ids = tokenizer(prompt)["input_ids"]
         else:
-            raise ValueError(f"row {i}: 'prompt' should be a string or a list of {{'role', 'content'}} messages, got "
+            raise UsageError(f"row {i}: 'prompt' should be a string or a list of {{'role', 'content'}} messages, got "
                              f"{type(prompt).__name__}")
         truncated += len(ids) > max_prompt_length
         prompts.append(ids[-max_prompt_length:])  # keep the end: the question next to the answer
     print(f"{desc}: {len(prompts)} prompts kept of {len(dataset)}; {truncated} truncated to their last "
           f"{max_prompt_length} tokens; {skipped} empty skipped")
     if not prompts:
-        raise ValueError(f"no usable prompts in the {desc} split")
+        raise UsageError(f"no usable prompts in the {desc} split")
     return prompts
 
 
@@ -1091,7 +1091,7 @@ def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) ->
         gap = model(log_prob_gap, input_ids, start)
     if gap > 0.05:
         config = unwrap(model).config
-        raise ValueError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
+        raise UsageError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
                          f"differ from the model's own logits by {gap:.3f} nats a token. Its LM head's output is "
                          "scaled in a way lm_logits does not know; add the model family there.")
 
@@ -1327,5 +1327,14 @@ def unwrap(model):
     return (model.module if isinstance(model, DDP) else model).model
 
 
+class UsageError(ValueError):
+    """A bad flag, column, value or path, found on purpose: the script prints the message alone and exits with status 2,
+    as for a bad command line. Any other error keeps its traceback."""
+
+
 if __name__ == "__main__":
-    train(tyro.cli(Args, use_underscores=True))
+    try:
+        train(tyro.cli(Args, use_underscores=True))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -156,10 +156,10 @@ class Args:
 
     def __post_init__(self):  # a bad value stops the run before any work, naming the flag
         if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
+            raise UsageError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
                              f"({self.max_length}) to leave room for a response")
         if self.max_prompt_length + self.max_new_tokens > self.max_length:  # a generation follows a cut prompt
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
+            raise UsageError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
                              f"must not exceed max_length ({self.max_length})")
 
 
@@ -402,7 +402,7 @@ def setup(args) -> Runtime:
     """torchrun's process group (none under a plain `python`), every RNG seeded alike, and the device."""
     rank, world = init_distributed()
     if args.fsdp and not dist.is_initialized():
-        raise ValueError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+        raise UsageError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
     if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
         args.resume_from = latest_checkpoint(args.output_dir)
@@ -464,7 +464,7 @@ def load_tokenizer(path: str):
     """(tokenizer, pad_id): the pad token, or the eos token where there is none (padding is masked)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {path!r} has no eos token; responses need one")
+        raise UsageError(f"tokenizer of {path!r} has no eos token; responses need one")
     return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -549,7 +549,7 @@ def load_iteration_state(resume_from: Optional[str], path: str) -> tuple[int, Op
         return 0, None
     state_file = os.path.join(path, "spin_state.json")
     if not os.path.isfile(state_file):
-        raise FileNotFoundError(f"--resume_from needs an iteration directory written by spin.py "
+        raise UsageError(f"--resume_from needs an iteration directory written by spin.py "
                                 f"(output_dir/iteration-k); {path!r} has no spin_state.json")
     with open(state_file) as f:
         first = json.load(f)["next_iteration"]
@@ -577,12 +577,12 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
     if os.path.isfile(path):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
         if kind is None:
-            raise ValueError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
+            raise UsageError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
         data = DatasetDict({"train": load_dataset(kind, data_files=path, split="train")})
     else:
         data = load_dataset(path, config)
     if train_split not in data:
-        raise ValueError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
+        raise UsageError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
     if eval_split in data:
         return data[train_split], data[eval_split]
     rows = len(data[train_split])
@@ -610,7 +610,7 @@ def check_sft_columns(dataset, name: str) -> None:
     columns = set(dataset.column_names)
     if "messages" not in columns and not {"prompt", "completion"} <= columns:
         missing = "completion" if "prompt" in columns else "prompt"
-        raise ValueError(f"dataset {name!r} has no column {missing!r} and no 'messages' column "
+        raise UsageError(f"dataset {name!r} has no column {missing!r} and no 'messages' column "
                          f"(columns: {sorted(columns)}).\n{SFT_FORMATS}")
 
 
@@ -619,7 +619,7 @@ def sft_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool
     if row.get("messages") is not None:
         messages = row["messages"]
         if not is_conversation(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise ValueError(f"row {index}: 'messages' should be a list of {{'role', 'content'}} messages ending with "
+            raise UsageError(f"row {index}: 'messages' should be a list of {{'role', 'content'}} messages ending with "
                              f"the assistant's answer, got {str(messages)[:80]!r}\n{SFT_FORMATS}")
         prompt, completion = messages[:-1], messages[-1:]
     else:
@@ -628,7 +628,7 @@ def sft_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool
     for column, value in (("prompt", prompt), ("completion", completion)):
         if not (is_conversation(value) if chat else isinstance(value, str)):
             kind = "a list of {'role', 'content'} messages like 'prompt'" if chat else "a string like 'prompt'"
-            raise ValueError(f"row {index}: column {column!r} should be {kind}, got {type(value).__name__}: "
+            raise UsageError(f"row {index}: column {column!r} should be {kind}, got {type(value).__name__}: "
                              f"{str(value)[:80]!r}\n{SFT_FORMATS}")
     if not prompt or (chat and not completion):  # an empty text answer is kept: it is scored as its <eos>
         return None
@@ -642,13 +642,13 @@ def chat_texts(tokenizer, prompt: list, responses: list, index: int) -> tuple[st
     """The prompt's messages rendered by the chat template up to the assistant's turn, and each response's messages as
     the text the template adds after that: prompt_text + response_text is the whole rendered conversation."""
     if tokenizer.chat_template is None:
-        raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
+        raise UsageError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     texts = []
     for response in responses:
         full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if not full.startswith(prompt_text):
-            raise ValueError(f"row {index}: the chat template renders the conversation without the prompt as its "
+            raise UsageError(f"row {index}: the chat template renders the conversation without the prompt as its "
                              "prefix; cannot separate the response")
         # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
         texts.append(full[len(prompt_text) :].rstrip())
@@ -716,7 +716,7 @@ def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, ma
     print(f"{desc}: {len(rows)} SFT rows kept of {len(dataset)}; {truncated} truncated to {max_length} tokens; "
           f"skipped: {report}")
     if not rows:
-        raise ValueError(f"no usable rows in the {desc} split")
+        raise UsageError(f"no usable rows in the {desc} split")
     return rows
 
 
@@ -823,7 +823,7 @@ class TrainBatches:
         self.batch_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
         self.batches_per_epoch = math.ceil(len(rows) / self.batch_size)  # the last one short unless it divides
         if self.batches_per_epoch < self.accumulation:
-            raise ValueError(f"{len(rows)} training rows make {self.batches_per_epoch} micro-batches of "
+            raise UsageError(f"{len(rows)} training rows make {self.batches_per_epoch} micro-batches of "
                              f"{self.batch_size}, fewer than gradient_accumulation_steps={self.accumulation}")
         # every micro-batch of every epoch is trained on: a step takes the next `accumulation` of them, across an
         # epoch boundary if need be, and the run's last step takes what is left
@@ -1000,7 +1000,7 @@ def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) ->
         gap = model(log_prob_gap, input_ids, start)
     if gap > 0.05:
         config = unwrap(model).config
-        raise ValueError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
+        raise UsageError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
                          f"differ from the model's own logits by {gap:.3f} nats a token. Its LM head's output is "
                          "scaled in a way lm_logits does not know; add the model family there.")
 
@@ -1201,5 +1201,14 @@ def unwrap(model):
     return (model.module if isinstance(model, DDP) else model).model
 
 
+class UsageError(ValueError):
+    """A bad flag, column, value or path, found on purpose: the script prints the message alone and exits with status 2,
+    as for a bad command line. Any other error keeps its traceback."""
+
+
 if __name__ == "__main__":
-    train(tyro.cli(Args, use_underscores=True))
+    try:
+        train(tyro.cli(Args, use_underscores=True))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

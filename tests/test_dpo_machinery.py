@@ -402,5 +402,5 @@ def test_track_logs_every_step_to_wandb_offline(train_run, tmp_path, monkeypatch
 def test_resume_from_a_final_model_says_what_it_needs(train_run):
     """A final output_dir has no optimizer state: resuming from it must say so, not fail deep inside torch.load."""
     final = train_run().out
-    with pytest.raises(FileNotFoundError, match="checkpoint directory written with --save_steps"):
+    with pytest.raises(ValueError, match="checkpoint directory written with --save_steps"):
         train_run(fresh=True, resume_from=str(final))

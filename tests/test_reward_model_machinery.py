@@ -310,7 +310,7 @@ def test_non_finite_step_stops_and_names_the_last_checkpoint(train_run, monkeypa
 
 
 def test_resume_from_a_final_model_says_what_it_needs(train_run):
-    with pytest.raises(FileNotFoundError, match="checkpoint directory written with --save_steps"):
+    with pytest.raises(ValueError, match="checkpoint directory written with --save_steps"):
         train_run(fresh=True, resume_from=str(train_run().out))
 
 

@@ -293,3 +293,19 @@ def test_resume_from_latest_with_no_checkpoint_starts_a_new_run(data_dir, toy_mo
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--resume_from latest: no checkpoint in" in run.stdout
     assert (tmp_path / "new" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- bad input: the message alone, status 2
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["dpo.py", "reward_model.py"])
+def test_bad_data_stops_with_the_message_alone(script, tmp_path):
+    """A dataset without a 'rejected' column stops the run with exit status 2 and the message naming the column, and
+    no Python traceback before it (there was one, ending in the same message)."""
+    from helpers import python
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "how was the food ?", "chosen": "good"}\n' * 30)
+    run = python(script, "--dataset_name", str(tmp_path / "bad.jsonl"), "--output_dir", str(tmp_path / "out"),
+                 "--device", "cpu")
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert any(line.startswith("error: dataset") and "no column 'rejected'" in line for line in run.stderr.splitlines())
