@@ -17,8 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The test models are tiny: extra intra-op threads only add synchronisation, and on shared cores
 # they spin against other processes (measured: 0.73 s vs 0.012 s per toy-model step on 2 busy cores).
 # pytest-xdist (pytest.ini) uses the cores instead: one single-threaded worker each.
+# Pinned, not defaulted: a value preset in the shell (OMP_NUM_THREADS=8 pytest) would otherwise make the scripts that
+# tests run as subprocesses multithreaded while the in-process runs stay on one thread.
 torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the scripts that tests run as subprocesses
+os.environ["OMP_NUM_THREADS"] = "1"  # the same for the scripts that tests run as subprocesses
 
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,10 @@ from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "toy_world"
+# The toy tokenizer splits on whitespace and looks each word up, with no merges: read its vocabulary directly, so that
+# expected token ids come from the file, not from the tokenizer code the scripts call.
+TOY_VOCAB = json.loads((TOY / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+TOY_EOS = TOY_VOCAB["<|end|>"]
 N_TRAIN, N_TEST = 64, 16  # rows of toy pairs in the conftest `data_dir` fixture, which the short training runs use
 # Short pairwise runs: 4 batches an epoch, so the step 3 -> 4 checkpoint-and-resume crosses an epoch boundary
 SHORT_RUN = dict(max_steps=6, save_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=16,
@@ -94,3 +99,49 @@ def cached_runner(module, tmp_path_factory, **fixed):
         return cache[key]
 
     return run
+
+
+def toy_ids(text: str) -> list[int]:
+    """The toy tokenizer's ids of `text`, word by word from its vocabulary; a word it does not know (such as "?great",
+    which "how was the food ?" + "great" makes) raises KeyError instead of becoming <unk>."""
+    return [TOY_VOCAB[word] for word in text.split()]
+
+
+def toy_chat_ids(prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one toy conversation as its chat template renders it, "<|user|> {prompt}
+    <|assistant|> {answer} <|end|> ", written out here by hand: the answer's ids end with <|end|>."""
+    return toy_ids(f"<|user|> {prompt} <|assistant|>"), toy_ids(answer) + [TOY_EOS]
+
+
+@torch.no_grad()
+def direct_logp(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """log pi(response | prompt) from one plain forward over the lone, unpadded sequence: the log-softmax (in float64)
+    of the model's logits, summed over the positions that predict the response's tokens."""
+    ids = prompt_ids + response_ids
+    logp = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(prompt_ids), len(ids)))
+
+
+def wandb_offline_log(root: Path, keys: tuple[str, ...], files: tuple[str, ...] = (), timeout: float = 120.0) -> bytes:
+    """The binary log of the one offline wandb run under root/wandb (WANDB_DIR=root), once it holds every key and
+    every glob in `files` matches.
+
+    wandb's service writes the run out in the background: run.finish() can return before it has (seen once in CI, on
+    busy cores). teardown() stops the service, which flushes what it holds; the poll then waits, up to `timeout`, for
+    a service slower than that, so the test does not depend on how fast the files appear. A genuinely missing key
+    fails after `timeout`, naming what is missing.
+    """
+    import wandb
+
+    wandb.teardown()
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(root.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(records) <= 1, f"more than one wandb run under {root}: {records}"
+        data = records[0].read_bytes() if records else b""  # protobuf keeps the keys as text
+        missing = [k for k in keys if k.encode() not in data] + [f for f in files if not list(root.glob(f))]
+        if records and not missing:
+            return data
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout:.0f} s the offline wandb run under {root} lacks {missing}")
+        time.sleep(0.25)

@@ -98,10 +98,21 @@ def test_ipo_minimiser_is_analytic_optimum(beta, mu_name, kind):
 
 def test_ipo_optimum_depends_on_mu():
     """Unlike DPO's (which is mu-free under Bradley-Terry), IPO's optimum weighs each win by how often mu offers the
-    opponent: the same preferences give different optima under mu = pi_ref and mu = uniform."""
+    opponent: the same preferences give different optima under mu = pi_ref and mu = uniform. First a theorem check
+    on the closed form ipo_optimum; then the same on ipo.ipo_loss itself: the minimisers of its population loss under
+    the two mu differ by as much, and DPO's (dpo.dpo_loss) do not."""
     ref_logp, P = problem("bradley-terry")
     a, b = (ipo_optimum(ref_logp, P, sampling_dist(m, ref_logp), 0.5).exp() for m in ("ref", "uniform"))
     assert (a - b).abs().max() > 1e-3  # measured 4.6e-3, 230x PI_TOL
+    fitted = {}
+    for fn in (ipo_loss, dpo_loss):
+        for m in ("ref", "uniform"):
+            phi, _ = lbfgs(lambda phi: population_loss(fn, phi, ref_logp, P, sampling_dist(m, ref_logp), 0.5),
+                           torch.zeros_like(ref_logp))
+            fitted[fn, m] = torch.log_softmax(ref_logp + phi, -1).exp()
+    ipo_gap = (fitted[ipo_loss, "ref"] - fitted[ipo_loss, "uniform"]).abs().max()
+    assert ipo_gap == pytest.approx((a - b).abs().max().item(), abs=2 * PI_TOL)  # measured 4.0e-10 apart
+    assert (fitted[dpo_loss, "ref"] - fitted[dpo_loss, "uniform"]).abs().max() < 1e-6  # measured 1.7e-8
 
 
 # --------------------------------------------------------------------------- the answer that never wins

@@ -22,7 +22,18 @@ import fdpo
 import ipo
 import rrhf
 import slic_hf
-from helpers import SHORT_RUN, assert_same_weights, cached_runner, python
+from helpers import (
+    N_TEST,
+    SHORT_RUN,
+    TOY,
+    TOY_EOS,
+    assert_same_weights,
+    cached_runner,
+    direct_logp,
+    python,
+    toy_chat_ids,
+    toy_ids,
+)
 
 MODULES = {"ipo": ipo, "slic_hf": slic_hf, "fdpo": fdpo, "rrhf": rrhf}
 LOSSES = {"ipo": "ipo_loss", "slic_hf": "slic_loss", "fdpo": "fdpo_loss", "rrhf": "rrhf_loss"}
@@ -142,28 +153,34 @@ def test_ipo_metrics_are_implicit_rewards(train_run):
 def test_average_log_probs_divides_by_token_counts(train_run, monkeypatch, toy_model_dir, data_dir):
     """With --average_log_probs the loss receives summed log-probs divided by each response's token count, for the
     policy and the reference alike; without it, the sums. Checked on the first training step against log-probs
-    computed here, response by response, from the same starting model."""
+    computed here, response by response: each pair's ids written out from its text and the toy vocabulary, and a
+    plain forward over each lone sequence from the same starting model (helpers.direct_logp)."""
     calls = {}
     for average in (False, True):
         calls[average] = wrap_loss(monkeypatch, "ipo")
         train_run("ipo", fresh=True, average_log_probs=average, max_steps=1, save_steps=0)
     model, tok = (AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(),
                   AutoTokenizer.from_pretrained(toy_model_dir))
-    data = ipo.load_splits(str(data_dir), None, "train", "test", 0, 1)[0]
-    rows = ipo.tokenize_pairs(data, tok, 512, 256, "train")
+    data = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    rows = ipo.tokenize_pairs(ipo.load_splits(str(data_dir), None, "train", "test", 0, 1)[0], tok, 512, 256, "train")
     first = [rows[i] for i in ipo.batch_order(rows, BASE_ARGS["per_device_train_batch_size"], 1, 0, True)[0]]
-    with torch.no_grad():
-        sums, counts = ipo.sequence_logps(model, **{k: v for k, v in ipo.collate(first, tok.pad_token_id).items()
-                                                    if k != "index"})
-    chosen_sum, rejected_sum = sums.chunk(2)
-    chosen_n, rejected_n = counts.chunk(2)
+    want = {"sum": [[], []], "n": [[], []]}  # [chosen, rejected] of each pair of the first batch, in batch order
+    for row in first:
+        source = data[row["row"]]
+        for side, key in enumerate(("chosen", "rejected")):
+            prompt_ids, answer_ids = toy_chat_ids(source["prompt"][0]["content"], source[key][0]["content"])
+            assert row[key] == prompt_ids + answer_ids  # the pair the script trained on is this text
+            want["sum"][side].append(direct_logp(model, prompt_ids, answer_ids))
+            want["n"][side].append(len(answer_ids))
+    (chosen_sum, rejected_sum), (chosen_n, rejected_n) = (torch.tensor(want[k], dtype=torch.float32)
+                                                          for k in ("sum", "n"))
     summed, averaged = calls[False][0], calls[True][0]
-    for got, want in ((summed, (chosen_sum, rejected_sum, chosen_sum, rejected_sum)),
-                      (averaged, (chosen_sum / chosen_n, rejected_sum / rejected_n,
-                                  chosen_sum / chosen_n, rejected_sum / rejected_n))):
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
-    assert not torch.allclose(summed[0], averaged[0])  # answers longer than one token exist in the batch
+    for got, expected in ((summed, (chosen_sum, rejected_sum, chosen_sum, rejected_sum)),
+                          (averaged, (chosen_sum / chosen_n, rejected_sum / rejected_n,
+                                      chosen_sum / chosen_n, rejected_sum / rejected_n))):
+        for g, w in zip(got, expected):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)  # batched and padded against lone: ~1e-6 apart
+    assert (chosen_n > 1).any() and not torch.allclose(summed[0], averaged[0])  # the division shows
 
 
 # --------------------------------------------------------------------------- slic_hf.py
@@ -183,8 +200,36 @@ def test_slic_metrics_are_log_probs(train_run):
         assert m[f"{split}/logps/margin"] == pytest.approx(m[f"{split}/logps/chosen"] - m[f"{split}/logps/rejected"],
                                                            abs=1e-5)
         assert m[f"{split}/logps/target"] == m[f"{split}/logps/chosen"]  # no target column: y_ref is the chosen answer
-        assert 0 <= m[f"{split}/logps/margin_met"] <= m[f"{split}/logps/accuracy"] <= 1  # delta > 0
+        assert m[f"{split}/logps/margin_met"] <= m[f"{split}/logps/accuracy"]  # delta > 0
         assert m[f"{split}/loss"] == pytest.approx(m[f"{split}/hinge"] - 0.5 * m[f"{split}/logps/target"], abs=1e-4)
+
+
+def test_slic_eval_metrics_by_hand(train_run, data_dir):
+    """The final evaluation, recomputed from the saved model: each held-out pair's log-probs by a plain forward over
+    its lone sequences (ids written out from its text), then by hand the hinge max(0, delta - margin), the loss
+    hinge - lambda log pi(y_w) (no target column), and the fractions with margin > 0 and margin >= delta. With delta 3
+    (not the default 1, which none of these margins falls short of while above 0), the two fractions differ."""
+    run = train_run("slic_hf", delta=3.0)
+    delta, lambda_reg = run.args.delta, run.args.lambda_reg
+    model = AutoModelForCausalLM.from_pretrained(run.out).eval()
+    chosen, rejected = [], []
+    for line in (data_dir / "test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        prompt = row["prompt"][0]["content"]
+        for out, key in ((chosen, "chosen"), (rejected, "rejected")):
+            out.append(direct_logp(model, *toy_chat_ids(prompt, row[key][0]["content"])))
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    assert min(min(abs(x), abs(x - delta)) for x in margins) > 1e-3  # no margin on a threshold: the fractions are exact
+    hinges = [max(0.0, delta - x) for x in margins]
+    n, m = len(margins), run.metrics
+    assert n == N_TEST
+    want = {"eval/logps/chosen": sum(chosen) / n, "eval/logps/rejected": sum(rejected) / n,
+            "eval/logps/margin": sum(margins) / n, "eval/hinge": sum(hinges) / n,
+            "eval/loss": sum(h - lambda_reg * c for h, c in zip(hinges, chosen)) / n,
+            "eval/logps/accuracy": sum(x > 0 for x in margins) / n,
+            "eval/logps/margin_met": sum(x >= delta for x in margins) / n}
+    assert {k: m[k] for k in want} == pytest.approx(want, abs=1e-5)
+    assert want["eval/logps/margin_met"] < want["eval/logps/accuracy"]  # the check tells the thresholds apart
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +259,65 @@ def test_slic_target_column_is_the_regulariser(train_run, monkeypatch, target_da
     target = calls[0][2]
     torch.testing.assert_close(target, torch.full_like(target, want.item()), rtol=0, atol=1e-5)
     assert run.metrics["eval/logps/target"] != run.metrics["eval/logps/chosen"]
+
+
+def implicit_split(chosen: str, rejected: str) -> int:
+    """How many words of an implicit-prompt pair are its prompt: the leading words the two texts share, except that an
+    answer is never left empty unless it was written empty (the text ends in a space): where one text's words are all
+    shared ("... party" / "... party trip"), its last word goes back to the answers."""
+    c, r = chosen.split(), rejected.split()
+    k = 0
+    while k < min(len(c), len(r)) and c[k] == r[k]:
+        k += 1
+    return k - any(k == len(words) and not text[-1].isspace() for words, text in ((c, chosen), (r, rejected)))
+
+
+@pytest.mark.parametrize("name", ["pairs_standard", "pairs_implicit"])
+def test_slic_text_formats_tokenize_as_written(toy_tokenizer, name):
+    """The toy pairs in plain text, with an explicit prompt (pairs_standard) and with the prompt left implicit in both
+    answers (pairs_implicit, hh-rlhf's layout), through tokenize_triples without a target: each pair's ids are those
+    written out here from its text and the toy vocabulary, <|end|> appended, and each answer starts after the prompt.
+    An implicit pair's prompt is its shared leading words (implicit_split), so where both answers begin with the same
+    word ("how the" / "how film") that word is prompt: 3 of the first 64 rows."""
+    rows = [json.loads(line) for line in (TOY / name / "train.jsonl").read_text().splitlines()[:64]]
+    got = slic_hf.tokenize_triples(Dataset.from_list(rows), toy_tokenizer, 512, 256, "train", None)
+    assert len(got) == len(rows) and all("target" not in pair for pair in got)
+    moved = 0
+    for pair, row in zip(got, rows):
+        if name == "pairs_standard":
+            texts, start = [row["prompt"] + row[k] for k in ("chosen", "rejected")], len(toy_ids(row["prompt"]))
+        else:
+            texts, start = [row["chosen"], row["rejected"]], implicit_split(row["chosen"], row["rejected"])
+            moved += start != row["chosen"].split().index("<|assistant|>") + 1
+        assert [pair["chosen"], pair["rejected"]] == [toy_ids(t) + [TOY_EOS] for t in texts]
+        assert pair["chosen_start"] == pair["rejected_start"] == start
+    assert moved == (3 if name == "pairs_implicit" else 0)
+
+
+@pytest.mark.parametrize("fmt", ["text", "chat"])
+@pytest.mark.parametrize("max_length, max_prompt_length, cut", [(512, 256, False), (9, 4, True)],
+                         ids=["whole", "truncated"])
+def test_slic_target_is_tokenized_and_truncated_as_the_answers(toy_tokenizer, fmt, max_length, max_prompt_length,
+                                                               cut):
+    """A target in the format of the answers (plain text or messages) becomes the prompt's ids and its own, as written
+    out here. With max_length 9 and max_prompt_length 4 the pair (7 prompt tokens + 3) is cut as dpo.py cuts it: the
+    prompt's last 4 tokens, then each answer's first 5; the target (7 + 6) is cut by the same rule, so it keeps
+    "the food was very good" and loses its <|end|>."""
+    prompt, answers = "how was the food ?", {"chosen": "great food", "rejected": "awful",
+                                             "sft_target": "the food was very good"}
+    if fmt == "text":
+        row = {"prompt": f"<|user|> {prompt} <|assistant|>", **{k: f" {v}" for k, v in answers.items()}}
+    else:
+        row = {"prompt": [{"role": "user", "content": prompt}],
+               **{k: [{"role": "assistant", "content": v}] for k, v in answers.items()}}
+    (pair,) = slic_hf.tokenize_triples([row], toy_tokenizer, max_length, max_prompt_length, "train", "sft_target")
+    prompt_ids = toy_ids(f"<|user|> {prompt} <|assistant|>")
+    if cut:
+        prompt_ids = toy_ids("the food ? <|assistant|>")
+    for key, column in (("chosen", "chosen"), ("rejected", "rejected"), ("target", "sft_target")):
+        want = (prompt_ids + toy_ids(answers[column]) + [TOY_EOS])[:max_length]
+        assert (pair[key], pair[f"{key}_start"]) == (want, len(prompt_ids)), key
+    assert len(pair["target"]) == (9 if cut else 13)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -272,7 +376,37 @@ def test_rrhf_metrics_are_the_loss_parts(train_run):
     for split in ("train", "eval"):
         assert m[f"{split}/loss"] == pytest.approx(m[f"{split}/rank"] + m[f"{split}/sft"], abs=1e-5)  # rank_weight 1
         assert m[f"{split}/p/best"] == -m[f"{split}/sft"]
-        assert -1 <= m[f"{split}/p/kendall_tau"] <= 1 and 0 <= m[f"{split}/p/pair_accuracy"] <= 1
+        # every pair is concordant or discordant: tau = (right - wrong) / pairs = 2 accuracy - 1, group by group
+        assert m[f"{split}/p/kendall_tau"] == pytest.approx(2 * m[f"{split}/p/pair_accuracy"] - 1, abs=1e-6)
+
+
+def test_rrhf_eval_metrics_by_hand(train_run, ranked_dir):
+    """The final evaluation, recomputed from the saved model: each held-out response's length-normalised log-prob
+    p = log pi(y|x) / |y| (a plain forward over its lone sequence, ids written out from its text), then group by
+    group by hand: the hinge sum over pairs with r_i < r_j of max(0, p_i - p_j), the first top-scored response's -p,
+    and the share of those pairs that p orders as r does, each averaged over the groups."""
+    run = train_run("rrhf")
+    model = AutoModelForCausalLM.from_pretrained(run.out).eval()
+    rank, sft, accuracy, p_mean = [], [], [], []
+    for line in (ranked_dir / "test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        scores = row["scores"]
+        if len(set(scores)) == 1:
+            continue  # all tied: no ranking, skipped by the script (and counted)
+        p = []
+        for y in row["completions"]:
+            prompt_ids, answer_ids = toy_chat_ids(row["prompt"][0]["content"], y[0]["content"])
+            p.append(direct_logp(model, prompt_ids, answer_ids) / len(answer_ids))
+        pairs = [(i, j) for i in range(len(p)) for j in range(len(p)) if scores[i] < scores[j]]
+        rank.append(sum(max(0.0, p[i] - p[j]) for i, j in pairs))
+        sft.append(-p[scores.index(max(scores))])
+        accuracy.append(sum(p[i] < p[j] for i, j in pairs) / len(pairs))
+        p_mean.append(sum(p) / len(p))
+    n, m = len(rank), run.metrics
+    want = {"eval/rank": sum(rank) / n, "eval/sft": sum(sft) / n, "eval/loss": (sum(rank) + sum(sft)) / n,
+            "eval/p/mean": sum(p_mean) / n, "eval/p/pair_accuracy": sum(accuracy) / n,
+            "eval/p/kendall_tau": sum(2 * a - 1 for a in accuracy) / n}
+    assert {k: m[k] for k in want} == pytest.approx(want, abs=1e-5)
 
 
 def test_rrhf_loads_one_model(train_run, monkeypatch):
@@ -294,27 +428,41 @@ def tiny_reward_model(tmp_path_factory, toy_model_dir):
 
 
 def test_rrhf_reward_model_scores_each_response_as_its_forward_does(tiny_reward_model, toy_tokenizer):
-    """Scores from the batched, padded, length-sorted pass equal a forward over each lone (prompt + response) text; rows
-    without a scores column are fine; an unusable row gets None."""
+    """Scores from the batched, padded, length-sorted pass equal a forward over each lone (prompt + response) sequence,
+    whose ids are written out here from the toy vocabulary (plain-text rows: prompt and response joined as they are,
+    then <|end|>); rows without a scores column are fine; an unusable row gets None."""
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
-    rows = [{"prompt": "how was the food ?", "completions": ["great food", "awful", "the film was very good"]},
-            {"prompt": "", "completions": ["great food", "awful"]},
-            {"prompt": "was the trip good ?", "completions": ["good trip", "bad"]}]
+    rows = [{"prompt": P, "completions": [" great food", " awful", " the film was very good"]},
+            {"prompt": "", "completions": [" great food", " awful"]},
+            {"prompt": "<|user|> was the trip good ? <|assistant|>", "completions": [" good trip", " bad"]}]
     got = rrhf.reward_model_scores(Dataset.from_list(rows), rrhf.Forward(model), toy_tokenizer, 512, 256, "train",
                                    "ranked", "completions", 2, rrhf.Runtime(0, 1, torch.device("cpu"), bf16=False))
     assert got[1] is None
     with torch.no_grad():
         for row, scores in zip((rows[0], rows[2]), (got[0], got[2])):
-            want = [model(**toy_tokenizer(row["prompt"] + y + "<|end|>", return_tensors="pt")).logits[0, 0].item()
+            want = [model(input_ids=torch.tensor([toy_ids(row["prompt"] + y) + [TOY_EOS]])).logits[0, 0].item()
                     for y in row["completions"]]
-            assert scores == pytest.approx(want, abs=1e-4)
+            assert scores == pytest.approx(want, abs=1e-5)
 
 
-def test_rrhf_reward_model_replaces_the_scores(train_run, tiny_reward_model, monkeypatch, capsys):
-    """The scores rrhf_loss sees are the reward model's, and the run reports how often it agrees with the data's."""
+def test_rrhf_reward_model_replaces_the_scores(train_run, tiny_reward_model, ranked_dir, monkeypatch, capsys):
+    """The scores rrhf_loss sees on the first step are the reward model's: every group of the batch carries the scores
+    that a plain forward gives its responses, one lone sequence at a time, on ids written out here from each row's
+    text (the toy conversation as its chat template renders it)."""
     calls = wrap_loss(monkeypatch, "rrhf")
     train_run("rrhf", fresh=True, reward_model_path=str(tiny_reward_model), max_steps=1, save_steps=0)
     out = capsys.readouterr().out
     assert "train: the reward model orders" in out and "of the data's strictly ordered pairs as the data does" in out
-    scores = calls[0][2]
-    assert not torch.equal(scores, scores.round(decimals=2))  # true toy scores are multiples of 0.25; a head's are not
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    expected = []  # every train row's scores, by hand
+    with torch.no_grad():
+        for line in (ranked_dir / "train.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            prompt = row["prompt"][0]["content"]
+            expected.append([model(input_ids=torch.tensor([sum(toy_chat_ids(prompt, y[0]["content"]), [])]))
+                             .logits[0, 0].item() for y in row["completions"]])
+    _, _, scores, valid = calls[0][:4]
+    assert len(scores) == BASE_ARGS["per_device_train_batch_size"]
+    for group, keep in zip(scores, valid):
+        got = group[keep].tolist()
+        assert any(len(got) == len(e) and got == pytest.approx(e, abs=1e-5) for e in expected), got

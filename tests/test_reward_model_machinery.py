@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
 import reward_model as rm
-from helpers import TOY, assert_same_weights, cached_runner, head, python
+from helpers import TOY, assert_same_weights, cached_runner, head, python, softplus, toy_chat_ids
 
 N_TRAIN, N_TEST = 64, 16  # rows of toy data the training runs use
 
@@ -249,15 +249,26 @@ def test_saved_model_loads_and_gives_the_trained_scores(train_run, data_dir, toy
         assert "score.weight" in saved and all(torch.equal(model.state_dict()[name], w) for name, w in saved.items())
         assert AutoTokenizer.from_pretrained(path)(P)["input_ids"] == toy_tokenizer(P)["input_ids"]
     assert (run.out / "checkpoint-3" / "training_state.pt").exists() and not (run.out / "training_state.pt").exists()
+    # the last evaluation by hand: each held-out sequence (ids written out from its text) scored by a plain forward on
+    # its own, then the Bradley-Terry loss -log sigmoid(r_w - r_l), the accuracy and the score statistics
     model = AutoModelForSequenceClassification.from_pretrained(run.out).eval()
-    test = load_dataset("json", data_files=str(data_dir / "test.jsonl"), split="train")
-    rows = rm.tokenize_pairs_with_margins(test, toy_tokenizer, 512, 256, "test", None)
+    chosen, rejected = [], []
     with torch.no_grad():
-        chosen, rejected = rm.pair_rewards(model, rm.collate(rows, toy_tokenizer.pad_token_id))
-    losses, _, _ = rm.reward_loss(chosen, rejected)
-    again = rm.reward_metrics("eval", losses, chosen, rejected)
-    assert again.keys() <= run.metrics.keys()
-    assert [again[k] for k in again] == pytest.approx([run.metrics[k] for k in again], rel=1e-5, abs=1e-6)
+        for line in (data_dir / "test.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            for out, key in ((chosen, "chosen"), (rejected, "rejected")):
+                ids = sum(toy_chat_ids(row["prompt"][0]["content"], row[key][0]["content"]), [])
+                out.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
+    n, scores = len(chosen), chosen + rejected
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    assert n == N_TEST and min(abs(x) for x in margins) > 1e-4  # no pair on the fence: the accuracy is exact
+    mean = sum(scores) / (2 * n)
+    want = {"eval/loss": sum(softplus(-x) for x in margins) / n,
+            "eval/rewards/accuracy": sum(x > 0 for x in margins) / n,
+            "eval/rewards/chosen": sum(chosen) / n, "eval/rewards/rejected": sum(rejected) / n,
+            "eval/rewards/margin": sum(margins) / n, "eval/rewards/mean": mean,
+            "eval/rewards/std": math.sqrt(sum((x - mean) ** 2 for x in scores) / (2 * n - 1))}  # unbiased, as torch's
+    assert {k: run.metrics[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-5)
     before = load_file(toy_model_dir / "model.safetensors")
     after = load_file(run.out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)  # the body trained too

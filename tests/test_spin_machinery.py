@@ -4,17 +4,26 @@ line. Helpers it shares with dpo.py and ppo_rlhf.py are byte-identical copies
 (test_copies_identical.py), tested there."""
 
 import json
-import math
 
 import pytest
 import torch
 import wandb
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import spin
-from helpers import N_TRAIN, assert_same_weights, cached_runner, python
+from helpers import (
+    N_TEST,
+    N_TRAIN,
+    assert_same_weights,
+    cached_runner,
+    direct_logp,
+    python,
+    softplus,
+    toy_chat_ids,
+    wandb_offline_log,
+)
 
 BASE = dict(num_iterations=2, previous_iteration_data=False, max_steps=2, per_device_train_batch_size=16,
             per_device_eval_batch_size=16, logging_steps=1000, device="cpu")
@@ -154,14 +163,44 @@ def test_previous_iteration_data_doubles_the_second_iteration(train_run, monkeyp
     assert len(calls) == N_TRAIN // 16 + 2 * N_TRAIN // 16  # one epoch each
 
 
-def test_metrics(train_run):
-    m = train_run().metrics
+def test_metrics(train_run, monkeypatch, sft_dir):
+    """The last iteration's metrics, recomputed: its generation statistics from the pairs it generated, and its final
+    evaluation by hand, each held-out pair (the real answer, its ids written out from the text, and the opponent's
+    generation) scored by plain forwards of the final model and of the opponent pi_1 (saved as iteration-1):
+    rewards beta log pi/pi_1, the loss -log sigmoid(margin), the accuracy."""
+    made, real_self_play = [], spin.self_play_pairs
+    monkeypatch.setattr(spin, "self_play_pairs", lambda *a, **k: made.append(real_self_play(*a, **k)) or made[-1])
+    run = train_run(fresh=True)
+    m, beta, eos = run.metrics, run.args.beta, AutoTokenizer.from_pretrained(run.out).eos_token_id
     assert m["train/iteration"] == 1
     for split in ("train", "eval"):
         assert m[f"{split}/rewards/margin"] == pytest.approx(
             m[f"{split}/rewards/real"] - m[f"{split}/rewards/generated"], abs=1e-6)
-    assert 0 <= m["generation/identical"] <= 1 and 0 < m["generation/length"] <= 5
-    assert math.isfinite(m["eval/loss"]) and 0 <= m["eval/rewards/accuracy"] <= 1
+    (train_pairs, _), (eval_pairs, _) = made[-2:]  # iteration 1: its train pairs, then its eval pairs
+    generated = [p["rejected"][p["rejected_start"]:] for p in train_pairs]
+    assert len(train_pairs) == N_TRAIN and len(eval_pairs) == N_TEST
+    assert m["generation/identical"] == sum(p["rejected"] == p["chosen"] for p in train_pairs) / N_TRAIN
+    assert m["generation/length"] == pytest.approx(sum(map(len, generated)) / N_TRAIN, abs=1e-12)
+    assert m["generation/no_eos"] == sum(eos not in g for g in generated) / N_TRAIN
+    policy, opponent = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (run.out, run.out / "iteration-1"))
+    rows = [json.loads(line) for line in (sft_dir / "test.jsonl").read_text().splitlines()]
+    logps, margins = {"real": [], "generated": []}, []
+    for pair, row in zip(eval_pairs, rows):
+        prompt_ids, answer_ids = toy_chat_ids(row["prompt"][0]["content"], row["completion"][0]["content"])
+        assert pair["chosen"] == prompt_ids + answer_ids and pair["rejected"][: len(prompt_ids)] == prompt_ids
+        rewards = {}
+        for side, answer in (("real", answer_ids), ("generated", pair["rejected"][len(prompt_ids):])):
+            mine = direct_logp(policy, prompt_ids, answer)
+            logps[side].append(mine)
+            rewards[side] = beta * (mine - direct_logp(opponent, prompt_ids, answer))
+        margins.append((rewards["real"], rewards["generated"]))
+    assert min(abs(r - g) for r, g in margins) > 1e-5  # no pair on the fence: the accuracy is exact
+    want = {"eval/loss": sum(softplus(g - r) for r, g in margins) / N_TEST,
+            "eval/rewards/accuracy": sum(r > g for r, g in margins) / N_TEST,
+            "eval/rewards/real": sum(r for r, _ in margins) / N_TEST,
+            "eval/rewards/generated": sum(g for _, g in margins) / N_TEST,
+            "eval/logps/real": sum(logps["real"]) / N_TEST, "eval/logps/generated": sum(logps["generated"]) / N_TEST}
+    assert {k: m[k] for k in want} == pytest.approx(want, abs=1e-5)
 
 
 def test_non_finite_loss_stops_and_names_the_last_iteration(train_run, monkeypatch, tmp_path):
@@ -198,10 +237,6 @@ def test_track_logs_metrics_and_sample_generations_to_wandb_offline(train_run, t
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb.teardown()  # wandb keeps the settings of an earlier run in this process (its directory included)
     train_run(fresh=True, track=True)
-    wandb.teardown()  # waits for wandb's service to write the run out
-    (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    data = record.read_bytes()
-    for key in ("train/rewards/real", "train/iteration", "eval/rewards/margin", "generation/identical",
-                "previous_iteration_data"):
-        assert key.encode() in data
-    assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/generation/samples_*.table.json"))
+    wandb_offline_log(tmp_path, ("train/rewards/real", "train/iteration", "eval/rewards/margin", "generation/identical",
+                                 "previous_iteration_data"),
+                      files=("wandb/offline-run-*/files/media/table/generation/samples_*.table.json",))
