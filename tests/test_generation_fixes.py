@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -146,6 +147,21 @@ def test_generation_raises_no_deprecation_warning(toy_model_dir, script):
         warnings.simplefilter("error", DeprecationWarning)
         out = script.generate(model, query, mask, 5, 1.0, [-1], uniforms)  # no eos: all 5 tokens are generated
     assert out.shape == (2, 5)
+
+
+@pytest.mark.slow
+def test_the_toy_worlds_enumeration_raises_no_deprecation_warning(toy_model_dir):
+    """The measuring tool passes its KV cache back the same way (toy_world/world.py), so that it keeps working once
+    transformers drops `past_key_values=`; its numbers are unchanged (the same bytes before and after this fix)."""
+    from toy import world
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        logps = world.response_logprobs(model, tokenizer, "how was the food ?")
+    assert logps.shape == (len(world.RESPONSES) + 1,) and math.isclose(np.exp(logps).sum(), 1.0, rel_tol=1e-9)
 
 
 def test_generation_with_the_cache_matches_full_forwards(toy_model_dir):

@@ -45,14 +45,15 @@ def reward_model_scores(rm, tokenizer, prompt: str) -> np.ndarray:
         cache.batch_repeat_interleave(n)
         # (rows * 14, 2): next word, <|end|>
         ids = torch.stack([word_ids.repeat(rows), torch.full((rows * n,), eos)], dim=1)
-        out = rm.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
-        out.past_key_values.crop(-1)
-        return rm.score(out.last_hidden_state[:, -1]).squeeze(-1), out.past_key_values
+        out = rm.base_model(input_ids=ids, use_cache=True, **{name: cache})
+        out[name].crop(-1)
+        return rm.score(out.last_hidden_state[:, -1]).squeeze(-1), out[name]
 
     out = rm.base_model(input_ids=torch.tensor([world.prompt_ids(tokenizer, prompt) + [eos]]), use_cache=True)
+    name = "cache" if "cache" in out else "past_key_values"  # as world.next_token_logprobs passes the KV cache back
     scores = [rm.score(out.last_hidden_state[:, -1]).squeeze(-1)]  # the empty answer
-    out.past_key_values.crop(-1)
-    one, cache = extend(out.past_key_values, 1)
+    out[name].crop(-1)
+    one, cache = extend(out[name], 1)
     two, cache = extend(cache, n)
     three, four = [], []
     for first in range(0, n * n, 2):

@@ -173,11 +173,14 @@ def next_token_logprobs(model, tokenizer, prompt: str) -> list[np.ndarray]:
     def extend(cache, rows: int):
         """log pi(. | prefix + w) for each of the `rows` cached prefixes and each word w, and the extended cache."""
         cache.batch_repeat_interleave(len(WORDS))
-        out = model(input_ids=word_ids.repeat(rows)[:, None], past_key_values=cache, use_cache=True)  # (rows * 14, 1)
-        return torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy(), out.past_key_values
+        out = model(input_ids=word_ids.repeat(rows)[:, None], use_cache=True, **{name: cache})  # (rows * 14, 1)
+        return torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy(), out[name]
 
     out = model(input_ids=torch.tensor([prompt_ids(tokenizer, prompt)], device=device), use_cache=True)
-    cache, levels = out.past_key_values, [torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy()]
+    # the KV cache goes back under the name the output gives it: `cache` in recent transformers 5.x, where
+    # `past_key_values` warns that it goes in 5.40; `past_key_values` in earlier ones
+    name = "cache" if "cache" in out else "past_key_values"
+    cache, levels = out[name], [torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy()]
     for k in (1, 2):
         logp, cache = extend(cache, len(WORDS) ** (k - 1))
         levels.append(logp)
