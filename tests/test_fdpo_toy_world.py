@@ -28,7 +28,10 @@ short of it. Measured, lr 3e-4, 16k pairs unless said, KL(pi|Y || pi*|Y) as a sh
   food ?", from r = 3 to r = 4 their mean rises by 0.42 where the optimum's rises by 1. Maximum likelihood on fresh
   samples of pi* itself, 1,536 steps, behaves alike: 29.6% from 49k samples (batch 32, lr 3e-4), 18.2% from 393k
   (batch 256, lr 1e-3).
-So this test holds each run to its measured figure (with the rounding below) and reports it.
+So this test holds each run to a bound set from its run-to-run spread, and reports the figure. Over --seed 1, 2, 3
+(the seed draws the batch order; the pairs and the start are fixed), KL(pi|Y || pi*|Y) as a share of the reference's
+measured: forward KL 26.18%, 26.07%, 25.87%; alpha = 0.5 20.98%, 21.29%, 21.20%. Each bound is the worst seed plus the
+seeds' range (0.31 points for both), rounded up to a whole point: 27% and 22% (for 3 seeds about mean + 3 sd).
 """
 
 import numpy as np
@@ -45,11 +48,11 @@ world = toy.world
 BETA, EPOCHS = 3.0, 3
 
 
-@pytest.mark.parametrize("divergence, alpha, bound", [("forward_kl", 0.5, 0.30), ("alpha", 0.5, 0.25)],
+@pytest.mark.parametrize("divergence, alpha, bound", [("forward_kl", 0.5, 0.27), ("alpha", 0.5, 0.22)],
                          ids=["forward_kl", "alpha=0.5"])
 def test_fdpo_moves_toward_its_own_optimum_on_the_toy_world(tmp_path, divergence, alpha, bound):
-    """KL(pi|Y || pi*|Y) falls below `bound` of the reference's (measured: forward KL 26.2%, alpha = 0.5 21.0%), and the
-    mass outside Y stays under 5%."""
+    """KL(pi|Y || pi*|Y) falls below `bound` of the reference's (measured, seed 1: forward KL 26.2%, alpha = 0.5 21.0%;
+    the bounds come from the spread over seeds, above), and the mass outside Y stays under 5% (measured 0.5%)."""
     reference = toy.reference_logprobs()
     fdpo.train(fdpo.Args(divergence=divergence, alpha=alpha, beta=BETA, learning_rate=3e-4, num_train_epochs=EPOCHS,
                          precompute_ref_logps=True, eval_steps=0, logging_steps=10_000,

@@ -207,8 +207,9 @@ def test_slic_metrics_are_log_probs(train_run):
 def test_slic_eval_metrics_by_hand(train_run, data_dir):
     """The final evaluation, recomputed from the saved model: each held-out pair's log-probs by a plain forward over
     its lone sequences (ids written out from its text), then by hand the hinge max(0, delta - margin), the loss
-    hinge - lambda log pi(y_w) (no target column), and the fractions with margin > 0 and margin >= delta. With delta 3
-    (not the default 1, which none of these margins falls short of while above 0), the two fractions differ."""
+    hinge - lambda log pi(y_w) (no target column), and the fractions with margin > 0 and margin >= delta. The run
+    uses delta 3: at the default 1 no held-out margin falls between 0 and delta, so the two fractions would agree and
+    could not tell the thresholds apart."""
     run = train_run("slic_hf", delta=3.0)
     delta, lambda_reg = run.args.delta, run.args.lambda_reg
     model = AutoModelForCausalLM.from_pretrained(run.out).eval()

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 world = toy.world
+LOSS_ABOVE_TRUE = 0.07  # from the spread over seeds: test_held_out_accuracy_approaches_the_true_reward
 N_ANSWERS = 2048  # answers per prompt for the correlation: a seeded uniform sample of Y (41,371), shared by all prompts
 
 
@@ -58,12 +59,16 @@ def answer_ids(tokenizer, prompt: str, words: tuple[str, ...]) -> list[int]:
 
 def test_held_out_accuracy_approaches_the_true_reward(default_run):
     """On the 512 held-out Bradley-Terry labels, the reward model's pairwise accuracy comes within 5 points of the true
-    reward's own, its loss within 0.05 of the true reward's, and it orders at least 90% of the pairs r does not tie as r
-    does. Measured (16k pairs, 2 epochs): 0.703 vs 0.722, 0.567 vs 0.537, 93.5%. (On the earlier 8k-pair toy world,
-    other learning rates and epoch counts measured 1.4-3.1 points and 0.020-0.041 short; a constant reward model scores
-    log 2 = 0.693, 0.156 short of the true reward here.) The accuracy gap is paired, both on the same labels; its
-    sampling noise is about 1.5 points. All of it is recomputed here from the saved model through the plain HF call, and
-    agrees with the run's own evaluation."""
+    reward's own, its loss within LOSS_ABOVE_TRUE of the true reward's, and it orders at least 90% of the pairs r does
+    not tie as r does. Measured, the default run (seed 1): accuracy 0.707 vs 0.722, loss 0.5788 vs 0.5373.
+
+    The loss bound comes from the run-to-run spread: the default run with --seed 1, 2, 3, 4 (which draws the score head
+    and the batch order) ends 0.0415, 0.0287, 0.0166, 0.0221 above the true reward's loss (mean 0.027, sd 0.011), with
+    accuracies 0.707, 0.713, 0.703, 0.705 against 0.722. The bound is the worst seed plus the seeds' range, 0.0415 +
+    0.0249, rounded up to 0.07: for 3-4 seeds about mean + 3 sd. It stays far from a constant reward model, which
+    scores log 2 = 0.693, 0.156 above the true reward. The accuracy gap is paired, both on the same labels; its
+    sampling noise is about 1.5 points. All of it is recomputed here from the saved model through the plain HF call,
+    and agrees with the run's own evaluation."""
     run, tok = default_run, default_run.tokenizer
     seqs, gaps = [], []
     for row in run.test:
@@ -90,7 +95,7 @@ def test_held_out_accuracy_approaches_the_true_reward(default_run):
     assert abs(accuracy - run.metrics["eval/rewards/accuracy"]) <= 1 / len(gaps)  # one pair may flip on float rounding
     assert loss == pytest.approx(run.metrics["eval/loss"], abs=1e-4)
     assert accuracy >= ceiling - 0.05
-    assert loss <= true_loss + 0.05
+    assert loss <= true_loss + LOSS_ABOVE_TRUE
     assert agreement >= 0.9
 
 
