@@ -205,8 +205,9 @@ def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int
                      target_column: Optional[str]) -> list[dict]:
     """tokenize_pairs's pairs, each with its target y_ref where the data has a target column.
 
-    The target is tokenized and truncated as the answers are; a pair whose target is empty is skipped and counted.
-    Without a target column, rows carry no target and the chosen answer serves as y_ref.
+    The target is tokenized as the answers are, and the three share one context: where the pair or the target is too
+    long, all three keep the prompt's last max_prompt_length tokens. A pair whose target is empty is skipped and
+    counted. Without a target column, rows carry no target and the chosen answer serves as y_ref.
     """
     for i, row in enumerate(dataset if target_column is not None else []):  # every row, so a bad target never hides
         target = row[target_column]
@@ -229,9 +230,16 @@ def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int
             empty += 1
             continue
         target_prompt, target_ids = tokenize_response(tokenizer, texts[0], texts[1], texts[3])
-        if len(target_prompt) + len(target_ids) > max_length:  # the same rule as for the answers
+        prompt, chosen, rejected, templated = row_texts(source, pair["row"], tokenizer)
+        pair_cut = any(sum(map(len, tokenize_response(tokenizer, prompt, answer, templated))) > max_length
+                       for answer in (chosen, rejected))
+        if pair_cut or len(target_prompt) + len(target_ids) > max_length:  # one context for all three: cut them alike
             target_prompt = target_prompt[-max_prompt_length:]
             target_ids = target_ids[: max_length - len(target_prompt)]
+            for part in ("chosen", "rejected"):  # a no-op where tokenize_pairs has cut the pair already
+                start = pair[f"{part}_start"]
+                kept = pair[part][:start][-max_prompt_length:]
+                pair = pair | {part: kept + pair[part][start:], f"{part}_start": len(kept)}
         rows.append(pair | {"target": target_prompt + target_ids, "target_start": len(target_prompt),
                             "index": len(rows)})
     print(f"{desc}: {len(rows)} pairs with a target y_ref; {empty} skipped for an empty target")
