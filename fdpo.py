@@ -131,7 +131,6 @@ class Args:
     """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
-    # ---- memory: LoRA, and the frozen weights' dtype
     lora_r: int = 0
     """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
     lora_alpha: float = 16.0
@@ -143,8 +142,7 @@ class Args:
     merge_lora: bool = False
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """frozen weights (reference, reward model, LoRA base); bfloat16 halves them, and without LoRA moves h off 0 at step
-    0 (it compares a bf16 reference with the float32 policy). Trained weights stay float32"""
+    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -155,8 +153,7 @@ class Args:
     output_dir: str = "runs/fdpo"
     """where the final model and checkpoints go"""
     resume_from: Optional[str] = None
-    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from; `latest`: the newest
-    in output_dir, or a new run if it has none"""
+    """a checkpoint (output_dir/checkpoint-N) to continue from; `latest`: output_dir's newest, or a new run if none"""
     seed: int = 1
     """seed for python, numpy and torch, the data order and the held-out split"""
     track: bool = False
@@ -1145,12 +1142,14 @@ def seconds_since(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step") -> None:
-    """Print every logging_steps steps and at the last; every step goes to wandb with --track."""
+def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step",
+                tracker_step: Optional[int] = None) -> None:
+    """Print every logging_steps steps and at the last; every step goes to wandb with --track (at tracker_step if
+    given, else at step)."""
     if step % logging_steps == 0 or step == total_steps:
         tqdm.write(f"{label} {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if tracker is not None:
-        tracker.log(metrics, step=step)
+        tracker.log(metrics, step=step if tracker_step is None else tracker_step)
 
 
 def save_checkpoint(args, step: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, trained=None,

@@ -78,8 +78,7 @@ class Args:
     ref_model_name_or_path: Optional[str] = None
     """frozen reference model pi_ref; None means the starting policy (model_name_or_path)"""
     reward_model_path: str = "runs/reward_model"
-    """reward model r_phi: a sequence-classification model with one label sharing the policy's tokenizer
-    (the default is where `python reward_model.py` saves its model)"""
+    """reward model r_phi: a one-label sequence classifier with the policy's tokenizer (`python reward_model.py`'s)"""
     dataset_name: str = "toy_world/prompts"
     """prompts: a hub name, a local directory or a data file with a 'prompt' column (text, or a list of messages)"""
     dataset_config: Optional[str] = None
@@ -104,8 +103,7 @@ class Args:
     missing_eos_penalty: float = 0.0
     """subtracted from the score of a response with no EOS within max_new_tokens (0 = off)"""
     advantage_estimator: Literal["gae", "rloo"] = "gae"
-    """gae: GAE with a value model (PPO); rloo: leave-one-out baseline over rloo_k responses per prompt (no value
-    model)"""
+    """gae: GAE with a value model (PPO); rloo: leave-one-out baseline of rloo_k responses a prompt, no value model"""
     rloo_k: int = 4
     """responses per prompt with --advantage_estimator rloo"""
     gamma: float = 1.0
@@ -124,8 +122,7 @@ class Args:
     """initialise the value model from the reward model (InstructGPT) or from the policy with a new head"""
     # ---- optimisation
     learning_rate: float = 3e-4
-    """peak AdamW learning rate of the policy and the value model (the toy world's; about 3e-6 suits a real 0.5-7B
-    model)"""
+    """peak AdamW learning rate of the policy and value model (the toy world's; about 3e-6 suits a real 0.5-7B one)"""
     num_rollouts: int = 100
     """rollouts (generate, then num_ppo_epochs of updates) in the run"""
     rollout_batch_size: int = 64
@@ -152,7 +149,6 @@ class Args:
     """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
-    # ---- memory: LoRA, and the frozen weights' dtype
     lora_r: int = 0
     """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
     lora_alpha: float = 16.0
@@ -164,8 +160,7 @@ class Args:
     merge_lora: bool = False
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """frozen weights (reference, reward model, LoRA base); bfloat16 halves them, and without LoRA moves h off 0 at step
-    0 (it compares a bf16 reference with the float32 policy). Trained weights stay float32"""
+    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many rollouts"""
@@ -180,8 +175,7 @@ class Args:
     output_dir: str = "runs/ppo"
     """where the final model (and value_model/) and checkpoints go"""
     resume_from: Optional[str] = None
-    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from; `latest`: the newest
-    in output_dir, or a new run if it has none"""
+    """a checkpoint (output_dir/checkpoint-N) to continue from; `latest`: output_dir's newest, or a new run if none"""
     seed: int = 1
     """seed for python, numpy and torch, the prompt order, sampling and the held-out split"""
     track: bool = False
@@ -1298,12 +1292,14 @@ def seconds_since(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step") -> None:
-    """Print every logging_steps steps and at the last; every step goes to wandb with --track."""
+def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step",
+                tracker_step: Optional[int] = None) -> None:
+    """Print every logging_steps steps and at the last; every step goes to wandb with --track (at tracker_step if
+    given, else at step)."""
     if step % logging_steps == 0 or step == total_steps:
         tqdm.write(f"{label} {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if tracker is not None:
-        tracker.log(metrics, step=step)
+        tracker.log(metrics, step=step if tracker_step is None else tracker_step)
 
 
 def save_checkpoint(args, step: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, trained=None,

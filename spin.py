@@ -75,8 +75,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 class Args:
     # ---- model and data
     model_name_or_path: str = "toy_world/model"
-    """starting policy pi_0, usually an SFT model: a hub name or a local directory (a relative path is also looked up
-    next to this file)"""
+    """starting policy pi_0, usually an SFT model: a hub name or a local directory (relative: also next to this file)"""
     dataset_name: str = "toy_world/sft"
     """SFT data: a hub name, a local directory, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: Optional[str] = None
@@ -90,17 +89,14 @@ class Args:
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
-    """tokens kept from the end of a prompt when a row, with its real answer or with max_new_tokens generated, is
-    longer than max_length; the opponent generates from the same prompt tokens"""
+    """prompt tokens kept (from its end) when the prompt with its real answer, or with max_new_tokens, is too long"""
     # ---- the method
     beta: float = 1.0
-    """beta, the scale of the log-ratios inside the logistic loss (Sec. 4). The paper uses 0.1; below 1/2 the exact
-    iteration overshoots (Theorem 5.4)"""
+    """beta of the logistic loss (Sec. 4); the paper's 0.1 is below 1/2, where the exact iteration overshoots"""
     num_iterations: int = 3
     """T, self-play iterations: each generates with the current model, then trains against it"""
     previous_iteration_data: bool = True
-    """train iteration t on the pairs generated at t and t-1, as the official recipe does
-    (--no-previous_iteration_data: only t's)"""
+    """train iteration t on the pairs generated at t and t-1, as the official recipe does (else only on t's)"""
     max_new_tokens: int = 5
     """generation budget in tokens, <eos> included (the toy world's answers are at most 4 words + <eos>)"""
     temperature: float = 1.0
@@ -136,7 +132,6 @@ class Args:
     """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
-    # ---- memory: LoRA, and the frozen weights' dtype
     lora_r: int = 0
     """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
     lora_alpha: float = 16.0
@@ -148,8 +143,7 @@ class Args:
     merge_lora: bool = False
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """frozen weights (reference, reward model, LoRA base); bfloat16 halves them, and without LoRA moves h off 0 at step
-    0 (it compares a bf16 reference with the float32 policy). Trained weights stay float32"""
+    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32"""
     # ---- logging, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -158,8 +152,7 @@ class Args:
     output_dir: str = "runs/spin"
     """where each iteration's model and data, and the final model, go"""
     resume_from: Optional[str] = None
-    """an iteration directory written by this script (output_dir/iteration-k) to continue from, with iteration k;
-    `latest`: the newest in output_dir, or a new run if it has none"""
+    """an iteration (output_dir/iteration-k) to continue from; `latest`: output_dir's newest, or a new run if none"""
     seed: int = 1
     """seed for python, numpy and torch, generation, the data order and the held-out split"""
     track: bool = False
@@ -277,13 +270,10 @@ def train(args: Args) -> dict:
         # 1-2. the opponent pi_t is the current model: generate with it, and pair each real answer with its generation
         pairs, generation_stats = self_play_pairs(policy, train_sft, tokenizer, pad_id, args, t, "train", runtime)
         eval_pairs, _ = self_play_pairs(policy, eval_sft, tokenizer, pad_id, args, t, "eval", runtime)
-        for p in pairs[: args.num_sample_generations]:
-            print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
+        print_samples(pairs[: args.num_sample_generations])
         # 3. the pairs to train on (with the previous iteration's, if asked), and the opponent's log-probs of them, once
-        if args.previous_iteration_data and previous:
-            pairs_before = [p | {"index": len(pairs) + i} for i, p in enumerate(previous)]
-        else:
-            pairs_before = []
+        keep = args.previous_iteration_data and previous
+        pairs_before = [p | {"index": len(pairs) + i} for i, p in enumerate(previous)] if keep else []
         train_rows = pairs + pairs_before
         print(f"iteration {t}: training on {len(train_rows)} pairs ({len(pairs_before)} from iteration {t - 1})")
         opponent = {split: precompute_ref_logps(policy, rows, args.per_device_eval_batch_size, pad_id, runtime)
@@ -341,16 +331,9 @@ def train(args: Args) -> dict:
                 if eval_pairs:
                     metrics.update(evaluate())
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
-            if done % args.logging_steps == 0 or done == batches.total_steps:
-                tqdm.write(f"iteration {t}, step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            if tracker is not None:
-                tracker.log(metrics, step=steps_done)
-        if tracker is not None:
-            import wandb
-
-            samples = [list(p["text"]) for p in pairs[: args.num_sample_generations]]
-            tracker.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"], data=samples)},
-                        step=steps_done)
+            log_metrics(metrics, done, batches.total_steps, args.logging_steps, tracker, f"iteration {t}, step",
+                        tracker_step=steps_done)  # wandb counts steps across the iterations
+        log_samples(tracker, pairs[: args.num_sample_generations], steps_done)
         # 5. save pi_{t+1}, with the pairs generated at t
         save_iteration(os.path.join(args.output_dir, f"iteration-{t + 1}"), policy, tokenizer, args, pairs, t + 1)
         previous = pairs
@@ -1176,6 +1159,32 @@ def seconds_since(start: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+
+def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step",
+                tracker_step: Optional[int] = None) -> None:
+    """Print every logging_steps steps and at the last; every step goes to wandb with --track (at tracker_step if
+    given, else at step)."""
+    if step % logging_steps == 0 or step == total_steps:
+        tqdm.write(f"{label} {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if tracker is not None:
+        tracker.log(metrics, step=step if tracker_step is None else tracker_step)
+
+
+def print_samples(pairs: list[dict]) -> None:
+    for p in pairs:
+        print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
+
+
+def log_samples(tracker, pairs: list[dict], step: int) -> None:
+    """Some (prompt, real, generated) examples as a wandb table, with --track."""
+    if tracker is not None:
+        import wandb
+
+        samples = [list(p["text"]) for p in pairs]
+        tracker.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"], data=samples)},
+                    step=step)
 
 
 def save_iteration(path: str, model, tokenizer, args, pairs: list[dict], next_iteration: int) -> None:
