@@ -61,7 +61,7 @@ import tyro
 from datasets import DatasetDict, load_dataset
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
 @dataclass
@@ -407,6 +407,8 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path
+    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
+        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
     model = model_class.from_pretrained(base, dtype=dtype, **kwargs)
     disable_dropout(model)
@@ -1195,6 +1197,8 @@ def save_model(path: str, model) -> None:
     weights = full_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
+        if hasattr(unwrap(model), "peft_config"):  # an adapter: its model's config beside it (a classifier's head)
+            hf_model(unwrap(model)).config.save_pretrained(path)
 
 
 
