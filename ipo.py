@@ -1197,7 +1197,8 @@ def save_model(path: str, model) -> None:
     weights = full_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
-        if hasattr(unwrap(model), "peft_config"):  # an adapter: its model's config beside it (a classifier's head)
+        if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
+                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
             hf_model(unwrap(model)).config.save_pretrained(path)
 
 

@@ -117,3 +117,24 @@ def test_a_resumed_lora_run_replays_the_run_exactly(train_run):
         assert torch.equal(a[name], b[name]), name
     same = lambda metrics: {k: v for k, v in metrics.items() if not k.startswith("perf/")}  # noqa: E731
     assert same(full.metrics) == same(resumed.metrics)
+
+
+def test_ppo_trains_a_lora_policy_and_value_model_against_a_lora_reward_model(tmp_path, data_dir, toy_model_dir):
+    """reward_model.py with --lora_r saves a classifier's adapter (and its config, for the head's size); PPO reads it
+    as a frozen reward model (merged, in --dtype), trains its policy and value model as adapters on a bf16 base, and
+    a checkpoint of both resumes."""
+    import ppo_rlhf
+    import reward_model
+
+    reward_model.train(reward_model.Args(dataset_name=str(data_dir), model_name_or_path=str(toy_model_dir),
+                                         max_steps=2, lora_r=8, eval_steps=0, output_dir=str(tmp_path / "rm"),
+                                         device="cpu"))
+    ppo_args = dict(model_name_or_path=str(toy_model_dir), reward_model_path=str(tmp_path / "rm"), num_rollouts=2,
+                    rollout_batch_size=8, per_device_train_batch_size=4, lora_r=8, dtype="bfloat16", save_steps=1,
+                    eval_steps=0, output_dir=str(tmp_path / "ppo"), device="cpu")
+    full = ppo_rlhf.train(ppo_rlhf.Args(**ppo_args))
+    for path in (tmp_path / "ppo", tmp_path / "ppo" / "value_model", tmp_path / "ppo" / "checkpoint-1" / "value_model"):
+        assert (path / "adapter_model.safetensors").is_file(), path
+    resumed = ppo_rlhf.train(ppo_rlhf.Args(**{**ppo_args, "output_dir": str(tmp_path / "again"),
+                                              "resume_from": str(tmp_path / "ppo" / "checkpoint-1")}))
+    assert resumed["objective/score"] == full["objective/score"] and resumed["loss/value"] == full["loss/value"]
