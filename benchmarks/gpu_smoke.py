@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -214,6 +215,7 @@ def child(run: Run, opts) -> None:
     write_pairs(data, run.pairs * run.steps, run.prompt_words, run.response_words, words)
     result = {"params": params, "build_s": time.perf_counter() - started, "device": "CPU", "status": "ok"}
     if device == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         props = torch.cuda.get_device_properties(0)
@@ -260,6 +262,7 @@ STEP_LINE = re.compile(r"step (\d+): (train/loss=.*)")
 def run_child(run: Run, opts, work: Path, env: dict, timeout_s: float) -> dict:
     """Runs `run` in a fresh process, echoing its output; its result with the per-step metrics it printed."""
     result_file = work / f"{run.name}.json"
+    result_file.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", run.name, "--result_file", str(result_file),
            "--work_dir", str(work), "--cap_gb", str(opts.cap_gb)] + (["--tiny"] if opts.tiny else [])
     print(f"=== {run.name}: {run.what}", flush=True)
