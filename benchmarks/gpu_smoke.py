@@ -12,10 +12,10 @@ names them and stops. The GPU image lacks these (versions as in this repo's venv
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
         datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1
 
-Runs, each in a fresh process that builds its model (random weights, bf16, on the GPU), a word-level tokenizer whose
-ids cover the vocabulary and synthetic pairs (4 pairs of 256 prompt + 767 response words + <eos> = 1,024 tokens a row,
-6,144 response tokens a step), then caps its memory with torch.cuda.set_per_process_memory_fraction and runs dpo.py
-through runpy with the flags below:
+Runs, each in a fresh process that builds its model (random weights, bf16, on the GPU), a tokenizer of Qwen2's
+form whose ids cover the vocabulary (one token a word) and synthetic pairs (4 pairs of 256 prompt + 767 response
+words + <eos> = 1,024 tokens a row, 6,144 response tokens a step), then caps its memory with
+torch.cuda.set_per_process_memory_fraction and runs dpo.py through runpy with the flags below:
   lora-7b   Qwen2.5-7B's config, 10 steps: --lora_r 16 --dtype bfloat16 --gradient_checkpointing
   full-0.5b Qwen2.5-0.5B's config, 5 steps, every weight trained (float32 with bf16 autocast):
             --precompute_ref_logps --gradient_checkpointing (the README's 0.5B recipe)
@@ -49,7 +49,7 @@ x 1,024 tokens (8 rows, 8,192 tokens, 6,144 response tokens), bf16 autocast. Pea
       reference's peaks come before the backward's, not on top of it); unchunked ~28 GiB (at the reference pass).
   allocator overhead: reserved is typically 10-20% above allocated (fragmentation of the 0.3-3.5 GiB blocks), and
   the CUDA context takes ~0.5-1 GiB outside torch's count: ~23-25 GiB chunked, ~32-34 GiB unchunked on the card.
-Without --gradient_checkpointing every layer keeps ~2.5 GiB (the 310 KB a token above), 70 GiB for 28 layers: with
+Without --gradient_checkpointing every layer keeps ~2.4 GiB (the 310 KB a token above), 66 GiB for 28 layers: with
 the weights, over 80 GB. Full fine-tuning of 7B (16 bytes a parameter for float32 weights, gradients and AdamW:
 122 GB) fits on no single card.
 """
