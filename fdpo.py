@@ -58,6 +58,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Literal, Optional
 
 import numpy as np
@@ -68,7 +69,7 @@ import tyro
 from datasets import DatasetDict, load_dataset
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
 @dataclass
@@ -130,6 +131,18 @@ class Args:
     """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
+    lora_r: int = 0
+    """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input (the rest of every model has none)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get an adapter: 'all-linear' (every linear layer but the output head), or names joined by commas"""
+    merge_lora: bool = False
+    """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -140,8 +153,7 @@ class Args:
     output_dir: str = "runs/fdpo"
     """where the final model and checkpoints go"""
     resume_from: Optional[str] = None
-    """a checkpoint directory written by this script (output_dir/checkpoint-N) to continue from; `latest`: the newest
-    in output_dir, or a new run if it has none"""
+    """a checkpoint (output_dir/checkpoint-N) to continue from; `latest`: output_dir's newest, or a new run if none"""
     seed: int = 1
     """seed for python, numpy and torch, the data order and the held-out split"""
     track: bool = False
@@ -221,9 +233,8 @@ def train(args: Args) -> dict:
     state = load_training_state(args.resume_from, policy_path)  # None for a new run
     ref_logps = state.get("ref_logps") if state and args.precompute_ref_logps else None  # a resumed run's own
     ref_model = None
-    if ref_logps is None:  # float32 under the policy's autocast, so that h = 0 exactly at step 0
-        ref_path = resolve_path(args.ref_model_name_or_path or args.model_name_or_path)
-        ref_model = load_model(ref_path, args, runtime, trained=False)
+    if ref_logps is None:  # in the policy's dtype and autocast (or its own base), so that h = 0 exactly at step 0
+        ref_model = load_reference(args, runtime, policy)
     runtime.seed_per_rank(args.seed)
 
     # ---- data: preference pairs, tokenized once; then the reference's log-probs of them, if asked
@@ -360,6 +371,8 @@ def setup(args) -> Runtime:
     rank, world = init_distributed()
     if args.fsdp and not dist.is_initialized():
         raise UsageError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+    if args.fsdp and args.lora_r:
+        raise UsageError("--lora_r runs on one process or under DDP; FSDP2 sharding of LoRA models is not supported")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
     if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
         args.resume_from = latest_checkpoint(args.output_dir)
@@ -426,14 +439,25 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=AutoModelForCausalLM, **kwargs):
-    """A float32 model on this process's device, wrapped for several processes (`wrap`).
+    """A model on this process's device, wrapped for several processes (`wrap`).
 
-    Dropout is off in every model, trained or frozen, as in TRL and the papers' code: with it, two passes over the
-    same tokens differ, so the policy would not start equal to its reference. A trained model gets gradient
-    checkpointing if asked and no KV cache in its forward passes; a frozen one is put in eval mode without gradients.
+    Trained weights are float32, frozen ones --dtype. With --lora_r, a trained model is a float32 LoRA adapter on a
+    frozen base in --dtype; a directory that holds an adapter (a checkpoint, a LoRA run's output) gives its base and
+    that adapter, to train on (with --lora_r) or merged in. Dropout is off in every model (the adapter's aside), as in
+    TRL and the papers' code: with it, two passes over the same tokens differ, so the policy would not start equal to
+    its reference. A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a
+    frozen one is put in eval mode without gradients.
     """
-    model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs).to(runtime.device)
+    lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
+    base = adapter["base_model_name_or_path"] if adapter else path
+    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
+        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
+    dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
+    model = model_class.from_pretrained(base, dtype=dtype, **kwargs)
     disable_dropout(model)
+    if lora or adapter:
+        model = with_adapter(model, path if adapter else None, args, trainable=lora)
+    model = model.to(runtime.device)
     if trained:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -441,6 +465,36 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     else:
         model.eval().requires_grad_(False)
     return wrap(model, runtime.world, args.fsdp, runtime.bf16, trained=trained)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+
+def saved_adapter(path: str) -> Optional[dict]:
+    """The LoRA adapter's config (adapter_config.json) a local directory holds, else None."""
+    config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f)
+
+
+
+def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
+    """`model` with a LoRA adapter (peft, imported only here): a new one from the --lora_* flags, or the one saved at
+    adapter_path, kept apart to train (trainable) or merged in, in float32, and cast to --dtype."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path is None:
+        task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else [
+            name.strip() for name in args.lora_target_modules.split(",")]
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=targets, task_type=task)
+        return get_peft_model(model, config)  # B = 0: the adapter adds exactly nothing at first
+    model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    return model if trainable else model.merge_and_unload().to(DTYPES[args.dtype])
 
 
 def disable_dropout(model) -> None:
@@ -496,7 +550,35 @@ class Forward(torch.nn.Module):
         self.model = model
 
     def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
+        return fn(hf_model(self.model), *args, **kwargs)
+
+
+
+def hf_model(model):
+    """The Hugging Face model itself: inside a peft model, the one its adapter layers were put into."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+
+def load_reference(args, runtime: Runtime, policy):
+    """The frozen reference pi_ref: with --lora_r (and no --ref_model_name_or_path), the policy with its adapter
+    switched off, so no second model is held; else a model of its own, in --dtype."""
+    if args.lora_r and not args.ref_model_name_or_path:
+        return AdapterOff(policy)
+    return load_model(resolve_path(args.ref_model_name_or_path or args.model_name_or_path), args, runtime,
+                      trained=False)
+
+
+
+class AdapterOff:
+    """A LoRA policy called as its base model: the adapter is switched off for the call, and gives no gradient."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, fn, *args, **kwargs):
+        with torch.no_grad(), unwrap(self.policy).disable_adapter():
+            return self.policy(fn, *args, **kwargs)
 
 
 def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]:
@@ -1062,12 +1144,14 @@ def seconds_since(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step") -> None:
-    """Print every logging_steps steps and at the last; every step goes to wandb with --track."""
+def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step",
+                tracker_step: Optional[int] = None) -> None:
+    """Print every logging_steps steps and at the last; every step goes to wandb with --track (at tracker_step if
+    given, else at step)."""
     if step % logging_steps == 0 or step == total_steps:
         tqdm.write(f"{label} {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if tracker is not None:
-        tracker.log(metrics, step=step)
+        tracker.log(metrics, step=step if tracker_step is None else tracker_step)
 
 
 def save_checkpoint(args, step: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, trained=None,
@@ -1124,6 +1208,8 @@ def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=N
     save_model(staging, model)
     if also is not None:
         also(staging)
+    if writer and args.merge_lora and args.lora_r and state is None:  # a final model, not a checkpoint
+        save_merged(staging, os.path.join(staging, "merged"), model, tokenizer)
     if writer:
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, "args.json"), "w") as f:
@@ -1154,6 +1240,20 @@ def save_model(path: str, model) -> None:
     weights = full_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
+        if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
+                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
+            hf_model(unwrap(model)).config.save_pretrained(path)
+
+
+
+def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:
+    """The adapter saved at adapter_path merged into a float32 copy of its base (on the CPU), as a plain Hugging Face
+    model directory: merging into a bf16 base would round the update away."""
+    inner = hf_model(unwrap(model))
+    base = type(inner).from_pretrained(saved_adapter(adapter_path)["base_model_name_or_path"], config=inner.config,
+                                       dtype=torch.float32)
+    with_adapter(base, adapter_path, SimpleNamespace(dtype="float32"), trainable=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def full_state_dict(model) -> Optional[dict]:

@@ -57,7 +57,8 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Optional
+from types import SimpleNamespace
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -67,15 +68,14 @@ import tyro
 from datasets import DatasetDict, load_dataset
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
 @dataclass
 class Args:
     # ---- model and data
     model_name_or_path: str = "toy_world/model"
-    """starting policy pi_0, usually an SFT model: a hub name or a local directory (a relative path is also looked up
-    next to this file)"""
+    """starting policy pi_0, usually an SFT model: a hub name or a local directory (relative: also next to this file)"""
     dataset_name: str = "toy_world/sft"
     """SFT data: a hub name, a local directory, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: Optional[str] = None
@@ -89,17 +89,14 @@ class Args:
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
-    """tokens kept from the end of a prompt when a row, with its real answer or with max_new_tokens generated, is
-    longer than max_length; the opponent generates from the same prompt tokens"""
+    """prompt tokens kept (from its end) when the prompt with its real answer, or with max_new_tokens, is too long"""
     # ---- the method
     beta: float = 1.0
-    """beta, the scale of the log-ratios inside the logistic loss (Sec. 4). The paper uses 0.1; below 1/2 the exact
-    iteration overshoots (Theorem 5.4)"""
+    """beta of the logistic loss (Sec. 4); the paper's 0.1 is below 1/2, where the exact iteration overshoots"""
     num_iterations: int = 3
     """T, self-play iterations: each generates with the current model, then trains against it"""
     previous_iteration_data: bool = True
-    """train iteration t on the pairs generated at t and t-1, as the official recipe does
-    (--no-previous_iteration_data: only t's)"""
+    """train iteration t on the pairs generated at t and t-1, as the official recipe does (else only on t's)"""
     max_new_tokens: int = 5
     """generation budget in tokens, <eos> included (the toy world's answers are at most 4 words + <eos>)"""
     temperature: float = 1.0
@@ -135,6 +132,18 @@ class Args:
     """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
+    lora_r: int = 0
+    """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input (the rest of every model has none)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get an adapter: 'all-linear' (every linear layer but the output head), or names joined by commas"""
+    merge_lora: bool = False
+    """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32"""
     # ---- logging, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -143,8 +152,7 @@ class Args:
     output_dir: str = "runs/spin"
     """where each iteration's model and data, and the final model, go"""
     resume_from: Optional[str] = None
-    """an iteration directory written by this script (output_dir/iteration-k) to continue from, with iteration k;
-    `latest`: the newest in output_dir, or a new run if it has none"""
+    """an iteration (output_dir/iteration-k) to continue from; `latest`: output_dir's newest, or a new run if none"""
     seed: int = 1
     """seed for python, numpy and torch, generation, the data order and the held-out split"""
     track: bool = False
@@ -262,13 +270,10 @@ def train(args: Args) -> dict:
         # 1-2. the opponent pi_t is the current model: generate with it, and pair each real answer with its generation
         pairs, generation_stats = self_play_pairs(policy, train_sft, tokenizer, pad_id, args, t, "train", runtime)
         eval_pairs, _ = self_play_pairs(policy, eval_sft, tokenizer, pad_id, args, t, "eval", runtime)
-        for p in pairs[: args.num_sample_generations]:
-            print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
+        print_samples(pairs[: args.num_sample_generations])
         # 3. the pairs to train on (with the previous iteration's, if asked), and the opponent's log-probs of them, once
-        if args.previous_iteration_data and previous:
-            pairs_before = [p | {"index": len(pairs) + i} for i, p in enumerate(previous)]
-        else:
-            pairs_before = []
+        keep = args.previous_iteration_data and previous
+        pairs_before = [p | {"index": len(pairs) + i} for i, p in enumerate(previous)] if keep else []
         train_rows = pairs + pairs_before
         print(f"iteration {t}: training on {len(train_rows)} pairs ({len(pairs_before)} from iteration {t - 1})")
         opponent = {split: precompute_ref_logps(policy, rows, args.per_device_eval_batch_size, pad_id, runtime)
@@ -326,16 +331,9 @@ def train(args: Args) -> dict:
                 if eval_pairs:
                     metrics.update(evaluate())
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
-            if done % args.logging_steps == 0 or done == batches.total_steps:
-                tqdm.write(f"iteration {t}, step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            if tracker is not None:
-                tracker.log(metrics, step=steps_done)
-        if tracker is not None:
-            import wandb
-
-            samples = [list(p["text"]) for p in pairs[: args.num_sample_generations]]
-            tracker.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"], data=samples)},
-                        step=steps_done)
+            log_metrics(metrics, done, batches.total_steps, args.logging_steps, tracker, f"iteration {t}, step",
+                        tracker_step=steps_done)  # wandb counts steps across the iterations
+        log_samples(tracker, pairs[: args.num_sample_generations], steps_done)
         # 5. save pi_{t+1}, with the pairs generated at t
         save_iteration(os.path.join(args.output_dir, f"iteration-{t + 1}"), policy, tokenizer, args, pairs, t + 1)
         previous = pairs
@@ -403,6 +401,8 @@ def setup(args) -> Runtime:
     rank, world = init_distributed()
     if args.fsdp and not dist.is_initialized():
         raise UsageError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+    if args.fsdp and args.lora_r:
+        raise UsageError("--lora_r runs on one process or under DDP; FSDP2 sharding of LoRA models is not supported")
     seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
     if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
         args.resume_from = latest_checkpoint(args.output_dir)
@@ -469,14 +469,25 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=AutoModelForCausalLM, **kwargs):
-    """A float32 model on this process's device, wrapped for several processes (`wrap`).
+    """A model on this process's device, wrapped for several processes (`wrap`).
 
-    Dropout is off in every model, trained or frozen, as in TRL and the papers' code: with it, two passes over the
-    same tokens differ, so the policy would not start equal to its reference. A trained model gets gradient
-    checkpointing if asked and no KV cache in its forward passes; a frozen one is put in eval mode without gradients.
+    Trained weights are float32, frozen ones --dtype. With --lora_r, a trained model is a float32 LoRA adapter on a
+    frozen base in --dtype; a directory that holds an adapter (a checkpoint, a LoRA run's output) gives its base and
+    that adapter, to train on (with --lora_r) or merged in. Dropout is off in every model (the adapter's aside), as in
+    TRL and the papers' code: with it, two passes over the same tokens differ, so the policy would not start equal to
+    its reference. A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a
+    frozen one is put in eval mode without gradients.
     """
-    model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs).to(runtime.device)
+    lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
+    base = adapter["base_model_name_or_path"] if adapter else path
+    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
+        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
+    dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
+    model = model_class.from_pretrained(base, dtype=dtype, **kwargs)
     disable_dropout(model)
+    if lora or adapter:
+        model = with_adapter(model, path if adapter else None, args, trainable=lora)
+    model = model.to(runtime.device)
     if trained:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -484,6 +495,36 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     else:
         model.eval().requires_grad_(False)
     return wrap(model, runtime.world, args.fsdp, runtime.bf16, trained=trained)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+
+def saved_adapter(path: str) -> Optional[dict]:
+    """The LoRA adapter's config (adapter_config.json) a local directory holds, else None."""
+    config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f)
+
+
+
+def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
+    """`model` with a LoRA adapter (peft, imported only here): a new one from the --lora_* flags, or the one saved at
+    adapter_path, kept apart to train (trainable) or merged in, in float32, and cast to --dtype."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path is None:
+        task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else [
+            name.strip() for name in args.lora_target_modules.split(",")]
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=targets, task_type=task)
+        return get_peft_model(model, config)  # B = 0: the adapter adds exactly nothing at first
+    model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    return model if trainable else model.merge_and_unload().to(DTYPES[args.dtype])
 
 
 def disable_dropout(model) -> None:
@@ -539,7 +580,13 @@ class Forward(torch.nn.Module):
         self.model = model
 
     def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
+        return fn(hf_model(self.model), *args, **kwargs)
+
+
+
+def hf_model(model):
+    """The Hugging Face model itself: inside a peft model, the one its adapter layers were put into."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_iteration_state(resume_from: Optional[str], path: str) -> tuple[int, Optional[list[dict]]]:
@@ -1116,6 +1163,32 @@ def seconds_since(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+
+def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step",
+                tracker_step: Optional[int] = None) -> None:
+    """Print every logging_steps steps and at the last; every step goes to wandb with --track (at tracker_step if
+    given, else at step)."""
+    if step % logging_steps == 0 or step == total_steps:
+        tqdm.write(f"{label} {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if tracker is not None:
+        tracker.log(metrics, step=step if tracker_step is None else tracker_step)
+
+
+def print_samples(pairs: list[dict]) -> None:
+    for p in pairs:
+        print(f"  prompt {p['text'][0]!r}\n    real      {p['text'][1]!r}\n    generated {p['text'][2]!r}")
+
+
+def log_samples(tracker, pairs: list[dict], step: int) -> None:
+    """Some (prompt, real, generated) examples as a wandb table, with --track."""
+    if tracker is not None:
+        import wandb
+
+        samples = [list(p["text"]) for p in pairs]
+        tracker.log({"generation/samples": wandb.Table(columns=["prompt", "real", "generated"], data=samples)},
+                    step=step)
+
+
 def save_iteration(path: str, model, tokenizer, args, pairs: list[dict], next_iteration: int) -> None:
     """An iteration directory: the model, the pairs generated for it (as text in generated.jsonl, to read, and as token
     ids in pairs.pt, which a resumed run trains on again with --previous_iteration_data), and the iteration to run
@@ -1151,6 +1224,8 @@ def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=N
     save_model(staging, model)
     if also is not None:
         also(staging)
+    if writer and args.merge_lora and args.lora_r and state is None:  # a final model, not a checkpoint
+        save_merged(staging, os.path.join(staging, "merged"), model, tokenizer)
     if writer:
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, "args.json"), "w") as f:
@@ -1181,6 +1256,20 @@ def save_model(path: str, model) -> None:
     weights = full_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
+        if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
+                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
+            hf_model(unwrap(model)).config.save_pretrained(path)
+
+
+
+def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:
+    """The adapter saved at adapter_path merged into a float32 copy of its base (on the CPU), as a plain Hugging Face
+    model directory: merging into a bf16 base would round the update away."""
+    inner = hf_model(unwrap(model))
+    base = type(inner).from_pretrained(saved_adapter(adapter_path)["base_model_name_or_path"], config=inner.config,
+                                       dtype=torch.float32)
+    with_adapter(base, adapter_path, SimpleNamespace(dtype="float32"), trainable=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def full_state_dict(model) -> Optional[dict]:

@@ -156,6 +156,22 @@ def test_two_processes_match_one(inputs, tmp_path):
                     + ", ".join(f"{s} {gaps[s, 'resumed']:.1e}" for s in RESUMED))
 
 
+@pytest.mark.slow  # starts a process
+def test_lora_on_two_processes_matches_one(inputs, tmp_path):
+    """dpo.py with a LoRA adapter under DDP, against 1 process: the reference is the policy with its adapter switched
+    off on each rank, and DDP averages the adapter's gradients. Compared as test_two_processes_match_one compares, on
+    the merged weights (--merge_lora)."""
+    sizes, extra = inputs["dpo.py"]
+    lora = ["--lora_r", "8", "--learning_rate", "3e-3", "--merge_lora"]
+    one = launch([("dpo.py", command("dpo.py", sizes, 1, tmp_path / "one", *extra, *lora))], 1)[0]
+    two = launch([("dpo.py", command("dpo.py", sizes, NPROC, tmp_path / "two", *extra, *lora))], NPROC)[0]
+    assert_same_trajectory(logged_steps(one), logged_steps(two), "dpo.py --lora_r 8 (ddp)")
+    gap = relative_gap(tmp_path / "one" / "merged", tmp_path / "two" / "merged", TOY / "model")
+    assert gap < GAP, gap
+    MEASURED.append(f"torchrun, {NPROC} CPU processes against 1, dpo.py --lora_r 8 under DDP: merged-weight gap "
+                    f"{gap:.1e}")
+
+
 # --------------------------------------------------------------------------- the pieces that make the runs agree
 def test_rank_share_cuts_equal_contiguous_parts_with_stand_ins():
     import dpo

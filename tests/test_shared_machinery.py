@@ -18,7 +18,7 @@ from helpers import TINY
 
 SCRIPTS = ["dpo", "ipo", "slic_hf", "rrhf", "fdpo", "ppo_rlhf", "spin", "reward_model"]
 CPU = dpo.Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False)
-ARGS = SimpleNamespace(gradient_checkpointing=False, fsdp=False)
+ARGS = SimpleNamespace(gradient_checkpointing=False, fsdp=False, lora_r=0, dtype="float32")
 
 
 # --------------------------------------------------------------------------- defect 1: dropout off in every model

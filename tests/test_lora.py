@@ -1,0 +1,140 @@
+"""LoRA and the frozen weights' dtype (issue 18), through the shared machinery every script carries, on dpo.py's copy:
+the reference is the policy with its adapter switched off, checkpointing still trains the adapter, what is saved
+loads three ways to the same log-probs, and a resumed LoRA run replays the run exactly."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import dpo
+from helpers import SHORT_RUN, cached_runner
+
+CPU = dpo.Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False)
+
+
+def lora_args(**overrides):
+    fields = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_target_modules="all-linear", dtype="float32",
+                  gradient_checkpointing=False, fsdp=False, ref_model_name_or_path=None, merge_lora=False)
+    return SimpleNamespace(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def batch(toy_tokenizer):
+    ids = lambda text: toy_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [toy_tokenizer.eos_token_id]
+    prompts = ["how was the food ?", "was the film good ?", "how was the trip ?", "was the party good ?"]
+    answers = [(" great food", " bad"), (" very good", " not good"), (" awful", " good trip"), (" good", " awful")]
+    rows = []
+    for i, (prompt, (chosen, rejected)) in enumerate(zip(prompts, answers)):
+        p = ids(prompt)
+        rows.append({"chosen": p + ids(chosen) + eos, "chosen_start": len(p), "rejected": p + ids(rejected) + eos,
+                     "rejected_start": len(p), "index": i})
+    return dpo.collate(rows, 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_zero_h_is_zero_and_the_loss_is_log_2(toy_model_dir, batch, dtype):
+    """The disabled adapter is the reference. At step 0 the adapter adds exact zeros (B = 0), so h = 0 exactly, on a
+    float32 or a bf16 base alike (policy and reference share it), and DPO's loss is log 2. No second model exists."""
+    args = lora_args(dtype=dtype)
+    policy = dpo.load_model(str(toy_model_dir), args, CPU, trained=True)
+    reference = dpo.load_reference(args, CPU, policy)
+    assert isinstance(reference, dpo.AdapterOff) and reference.policy is policy
+    chosen, rejected = policy(dpo.pair_logps, batch)
+    ref_chosen, ref_rejected = dpo.ref_pair_logps(reference, None, batch, "train", CPU)
+    assert torch.equal(chosen.detach(), ref_chosen) and torch.equal(rejected.detach(), ref_rejected)
+    losses, _, _ = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)), rtol=0, atol=0)
+    base_dtypes = {p.dtype for n, p in policy.named_parameters() if "lora_" not in n}
+    adapter = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert base_dtypes == {dpo.DTYPES[dtype]}
+    assert adapter and all("lora_" in n and p.dtype == torch.float32 for n, p in adapter.items())
+
+
+def test_with_gradient_checkpointing_the_adapter_trains(toy_model_dir, batch):
+    """PEFT with checkpointing can silently give no gradient when the inputs do not require grad. Here the adapter's
+    gradient is nonzero at step 0 (its B factors'; A's is 0 while B = 0), and five AdamW steps lower the loss."""
+    args = lora_args(gradient_checkpointing=True)
+    policy = dpo.load_model(str(toy_model_dir), args, CPU, trained=True).train()
+    reference = dpo.load_reference(args, CPU, policy)
+    ref_chosen, ref_rejected = dpo.ref_pair_logps(reference, None, batch, "train", CPU)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(6):
+        chosen, rejected = policy(dpo.pair_logps, batch)
+        loss = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)[0].mean()
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+            assert sum(g.norm() ** 2 for n, g in grads.items() if "lora_B" in n) > 0
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0] - 1e-3
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, data_dir, toy_model_dir):
+    return cached_runner(dpo, tmp_path_factory, dataset_name=str(data_dir), model_name_or_path=str(toy_model_dir),
+                         **SHORT_RUN, lora_r=8, learning_rate=3e-3)
+
+
+def response_logps(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(dpo.pair_logps(dpo.hf_model(model), batch))
+
+
+def test_the_saved_adapter_and_the_merged_model_give_the_trained_log_probs(train_run, toy_model_dir, batch):
+    """output_dir holds the adapter; --merge_lora also writes output_dir/merged, merged in float32. The adapter read
+    back by the script's loader, by peft, and by transformers' own from_pretrained, and the merged plain model, give
+    the same log-probs to 1e-5; and training moved them (the adapter is not a no-op)."""
+    run = train_run(merge_lora=True)
+    assert (run.out / "adapter_config.json").is_file() and not (run.out / "model.safetensors").exists()
+    trained = dpo.unwrap(dpo.load_model(str(run.out), lora_args(), CPU, trained=True))
+    expected = response_logps(trained, batch)
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model_dir), str(run.out))
+    by_transformers = AutoModelForCausalLM.from_pretrained(run.out)
+    merged = AutoModelForCausalLM.from_pretrained(run.out / "merged")
+    assert not hasattr(merged, "peft_config")  # a plain model: loads without peft
+    for model in (by_peft, by_transformers, merged):
+        torch.testing.assert_close(response_logps(model.eval(), batch), expected, rtol=0, atol=1e-5)
+    start = response_logps(AutoModelForCausalLM.from_pretrained(toy_model_dir), batch)
+    assert (expected - start).abs().max() > 1e-2
+
+
+def test_a_resumed_lora_run_replays_the_run_exactly(train_run):
+    """Six steps with a checkpoint at step 3, against the run resumed from it: the same adapter, bit for bit."""
+    full = train_run()
+    resumed = train_run(fresh=True, resume_from=str(full.out / "checkpoint-3"))
+    a, b = (load_file(run.out / "adapter_model.safetensors") for run in (full, resumed))
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    same = lambda metrics: {k: v for k, v in metrics.items() if not k.startswith("perf/")}  # noqa: E731
+    assert same(full.metrics) == same(resumed.metrics)
+
+
+def test_ppo_trains_a_lora_policy_and_value_model_against_a_lora_reward_model(tmp_path, data_dir, toy_model_dir):
+    """reward_model.py with --lora_r saves a classifier's adapter (and its config, for the head's size); PPO reads it
+    as a frozen reward model (merged, in --dtype), trains its policy and value model as adapters on a bf16 base, and
+    a checkpoint of both resumes."""
+    import ppo_rlhf
+    import reward_model
+
+    reward_model.train(reward_model.Args(dataset_name=str(data_dir), model_name_or_path=str(toy_model_dir),
+                                         max_steps=2, lora_r=8, eval_steps=0, output_dir=str(tmp_path / "rm"),
+                                         device="cpu"))
+    ppo_args = dict(model_name_or_path=str(toy_model_dir), reward_model_path=str(tmp_path / "rm"), num_rollouts=2,
+                    rollout_batch_size=8, per_device_train_batch_size=4, lora_r=8, dtype="bfloat16", save_steps=1,
+                    eval_steps=0, output_dir=str(tmp_path / "ppo"), device="cpu")
+    full = ppo_rlhf.train(ppo_rlhf.Args(**ppo_args))
+    for path in (tmp_path / "ppo", tmp_path / "ppo" / "value_model", tmp_path / "ppo" / "checkpoint-1" / "value_model"):
+        assert (path / "adapter_model.safetensors").is_file(), path
+    resumed = ppo_rlhf.train(ppo_rlhf.Args(**{**ppo_args, "output_dir": str(tmp_path / "again"),
+                                              "resume_from": str(tmp_path / "ppo" / "checkpoint-1")}))
+    assert resumed["objective/score"] == full["objective/score"] and resumed["loss/value"] == full["loss/value"]
