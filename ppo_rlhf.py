@@ -145,6 +145,10 @@ class Args:
     """gradient clipping threshold (the policy and the value model separately)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    logp_chunk_tokens: int = 1024
+    """response positions per LM-head chunk, each recomputed in backward (0.6 GB of logits at a 152k vocab); 0: off"""
+    attn_implementation: str = "sdpa"
+    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"
@@ -305,20 +309,24 @@ def response_logps(model, query, query_mask, response, response_mask, temperatur
     """log pi(y_t | x, y_<t) of every response token (B, R), zero outside the mask, and optionally the entropy (B, R).
 
     The LM head and a float32 log-softmax run only at the positions that
-    predict a response token, so no (B, T, V) logits tensor is ever built.
+    predict a response token, so no (B, T, V) logits tensor is ever built,
+    and over at most model.logp_chunk_tokens of them at a time (in_chunks).
     """
+    def token_stats(model, hidden, tokens):  # (m, H), (m,) -> (m, 1) log-probs, or (m, 2) with the entropies
+        logits = lm_logits(model, hidden) / temperature  # (m, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (m,)
+        logps = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
+        if not with_entropy:
+            return logps[:, None]
+        return torch.stack([logps, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)], dim=-1)
+
     hidden, p = forward_hidden(model, query, query_mask, response, response_mask)
     width = hidden.shape[1] - p
     mask = response_mask[:, :width]  # (B, W)
-    logits = lm_logits(model, hidden[:, p - 1 : p - 1 + width][mask]) / temperature  # (M, V), M = response tokens
-    lse = torch.logsumexp(logits, dim=-1)  # (M,)
-    logps = torch.zeros(response.shape, device=logits.device)
-    logps[:, :width][mask] = logits.gather(-1, response[:, :width][mask][:, None]).squeeze(-1) - lse
-    if not with_entropy:
-        return logps, None
-    entropy = torch.zeros(response.shape, device=logits.device)
-    entropy[:, :width][mask] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logps, entropy
+    stats = in_chunks(token_stats, model, hidden[:, p - 1 : p - 1 + width][mask], response[:, :width][mask])  # (M, .)
+    out = torch.zeros(*response.shape, stats.shape[1], device=hidden.device)  # (B, R, 1 or 2)
+    out[:, :width][mask] = stats
+    return out[..., 0], (out[..., 1] if with_entropy else None)
 
 
 def value_predictions(model, query, query_mask, response, response_mask) -> torch.Tensor:
@@ -364,6 +372,8 @@ def train(args: Args) -> dict:
     policy = load_model(policy_path, args, runtime, trained=True)
     ref_model = load_model(resolve_path(args.ref_model_name_or_path or args.model_name_or_path), args, runtime,
                            trained=False)
+    for model in (policy, ref_model):  # how many response positions their LM head scores at a time
+        unwrap(model).logp_chunk_tokens = args.logp_chunk_tokens
     reward_model = load_model(rm_path, args, runtime, trained=False, model_class=AutoModelForSequenceClassification)
     if unwrap(reward_model).config.num_labels != 1:
         raise UsageError(f"the reward model {rm_path!r} has {unwrap(reward_model).config.num_labels} labels; a "
@@ -552,7 +562,9 @@ def train(args: Args) -> dict:
 #   learns when to stop; an empty response is scored as its <eos> alone. Where a tokenizer merges the end of the
 #   prompt with the start of the response, the merged token counts as response, as in TRL: the sequence is exactly
 #   the tokenizer's prompt + response. log pi(y|x) is summed over response tokens; the LM head and a float32
-#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
+#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built, and
+#   over --logp_chunk_tokens of them at a time, each chunk recomputed in the backward pass: one chunk's logits exist
+#   at once.
 # - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
 #   start of its responses.
 # - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
@@ -674,7 +686,8 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     same tokens differ, so the policy would not start equal to its reference. A trained model gets gradient
     checkpointing if asked and no KV cache in its forward passes; a frozen one is put in eval mode without gradients.
     """
-    model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs).to(runtime.device)
+    model = model_class.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn_implementation,
+                                        **kwargs).to(runtime.device)
     disable_dropout(model)
     if trained:
         if args.gradient_checkpointing:
@@ -1055,6 +1068,22 @@ def gather_rollout(batch: dict, pad_id: int, device) -> dict:
                                 else [t, t.new_full((len(t), width - t.shape[1]), fill)], dim=1) for t in pieces]
         out[k] = torch.cat(pieces).to(device)
     return out
+
+
+def in_chunks(fn, model, *rows: torch.Tensor) -> torch.Tensor:
+    """fn(model, *rows), computed model.logp_chunk_tokens rows at a time (all at once if 0 or unset), concatenated.
+
+    For the LM head: a chunk's (rows, V) logits are freed once its outputs are computed, and made again in the
+    backward pass (non-reentrant activation checkpointing), so only one chunk's logits exist at once in either pass,
+    at the cost of one more LM-head forward. The values are those of one call on all the rows, up to float rounding.
+    """
+    chunk_tokens = getattr(model, "logp_chunk_tokens", 0)  # set on a script's models by train()
+    if not chunk_tokens:
+        return fn(model, *rows)
+    from torch.utils.checkpoint import checkpoint
+
+    chunks = zip(*(r.split(chunk_tokens) for r in rows))
+    return torch.cat([checkpoint(fn, model, *chunk, use_reentrant=False) for chunk in chunks])
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,8 @@ class Args:
     """batch rows of similar length (within shuffled mega-batches) to cut padding"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    attn_implementation: str = "sdpa"
+    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights stay float32, the loss is taken in float32); ignored on CPU and MPS"""
     device: str = "auto"
@@ -295,7 +297,9 @@ def train(args: Args) -> dict:
 #   learns when to stop; an empty response is scored as its <eos> alone. Where a tokenizer merges the end of the
 #   prompt with the start of the response, the merged token counts as response, as in TRL: the sequence is exactly
 #   the tokenizer's prompt + response. log pi(y|x) is summed over response tokens; the LM head and a float32
-#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
+#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built, and
+#   over --logp_chunk_tokens of them at a time, each chunk recomputed in the backward pass: one chunk's logits exist
+#   at once.
 # - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
 #   start of its responses.
 # - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
@@ -409,7 +413,8 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     same tokens differ, so the policy would not start equal to its reference. A trained model gets gradient
     checkpointing if asked and no KV cache in its forward passes; a frozen one is put in eval mode without gradients.
     """
-    model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs).to(runtime.device)
+    model = model_class.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn_implementation,
+                                        **kwargs).to(runtime.device)
     disable_dropout(model)
     if trained:
         if args.gradient_checkpointing:
