@@ -143,6 +143,10 @@ class Args:
     """gradient clipping threshold (the policy and the value model separately)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    logp_chunk_tokens: int = 1024
+    """response positions per LM-head chunk, each recomputed in backward (0.6 GB of logits at a 152k vocab); 0: off"""
+    attn_implementation: str = "sdpa"
+    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"
@@ -313,21 +317,23 @@ def response_logps(model, query, query_mask, response, response_mask, temperatur
                    with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(y_t | x, y_<t) of every response token (B, R), zero outside the mask, and optionally the entropy (B, R).
 
-    The LM head and a float32 log-softmax run only at the positions that
-    predict a response token, so no (B, T, V) logits tensor is ever built.
+    The LM head and a float32 log-softmax run only at response positions, model.logp_chunk_tokens at a time.
     """
+    def token_stats(model, hidden, tokens):  # (m, H), (m,) -> (m, 1) log-probs, or (m, 2) with the entropies
+        logits = lm_logits(model, hidden) / temperature  # (m, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (m,)
+        logps = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
+        if not with_entropy:
+            return logps[:, None]
+        return torch.stack([logps, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)], dim=-1)
+
     hidden, p = forward_hidden(model, query, query_mask, response, response_mask)
     width = hidden.shape[1] - p
     mask = response_mask[:, :width]  # (B, W)
-    logits = lm_logits(model, hidden[:, p - 1 : p - 1 + width][mask]) / temperature  # (M, V), M = response tokens
-    lse = torch.logsumexp(logits, dim=-1)  # (M,)
-    logps = torch.zeros(response.shape, device=logits.device)
-    logps[:, :width][mask] = logits.gather(-1, response[:, :width][mask][:, None]).squeeze(-1) - lse
-    if not with_entropy:
-        return logps, None
-    entropy = torch.zeros(response.shape, device=logits.device)
-    entropy[:, :width][mask] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logps, entropy
+    stats = in_chunks(token_stats, model, hidden[:, p - 1 : p - 1 + width][mask], response[:, :width][mask])  # (M, .)
+    out = torch.zeros(*response.shape, stats.shape[1], device=hidden.device)  # (B, R, 1 or 2)
+    out[:, :width][mask] = stats
+    return out[..., 0], (out[..., 1] if with_entropy else None)
 
 
 def value_predictions(model, query, query_mask, response, response_mask) -> torch.Tensor:
@@ -374,8 +380,7 @@ def train(args: Args) -> dict:
     ref_model = load_reference(args, runtime, policy)
     reward_model = load_model(rm_path, args, runtime, trained=False, model_class=AutoModelForSequenceClassification)
     if unwrap(reward_model).config.num_labels != 1:
-        raise UsageError(f"the reward model {rm_path!r} has {unwrap(reward_model).config.num_labels} labels; a "
-                         "scalar reward needs 1")
+        raise UsageError(f"the reward model {rm_path!r} has {unwrap(reward_model).config.num_labels} labels, not 1")
     value_model = None
     if not rloo:  # a resumed run's own; else the reward model (InstructGPT) or the policy, with a new head
         value_path = rm_path if args.value_model_init == "reward_model" else policy_path
@@ -383,9 +388,7 @@ def train(args: Args) -> dict:
                                  runtime, trained=True, model_class=AutoModelForSequenceClassification, num_labels=1)
     eos_ids = eos_token_ids(policy, tokenizer)  # the tokenizer's eos and the model's own (a chat model's turn end)
     trained = torch.nn.ModuleList([m for m in (policy, value_model) if m is not None])
-    # a checkpoint, and the final output_dir, hold the value model in value_model/
-    save_value_model = None if value_model is None else lambda path: save_model(os.path.join(path, "value_model"),
-                                                                                value_model)
+    save_value_model = value_model and (lambda path: save_model(os.path.join(path, "value_model"), value_model))
 
     # ---- data: prompts, tokenized once; each rollout draws the next ones, each with its own uniforms to sample from
     train_prompts, eval_prompts = load_prompts(args, tokenizer)
@@ -560,7 +563,9 @@ def train(args: Args) -> dict:
 #   learns when to stop; an empty response is scored as its <eos> alone. Where a tokenizer merges the end of the
 #   prompt with the start of the response, the merged token counts as response, as in TRL: the sequence is exactly
 #   the tokenizer's prompt + response. log pi(y|x) is summed over response tokens; the LM head and a float32
-#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
+#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built, and
+#   over --logp_chunk_tokens of them at a time, each chunk recomputed in the backward pass: one chunk's logits exist
+#   at once.
 # - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
 #   start of its responses.
 # - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
@@ -692,7 +697,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
         kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
-    model = model_class.from_pretrained(base, dtype=dtype, **kwargs)
+    model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
+                                        **kwargs)
+    model.logp_chunk_tokens = getattr(args, "logp_chunk_tokens", 0)  # sequence_logps's chunks (in_chunks)
     disable_dropout(model)
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
@@ -1134,6 +1141,22 @@ def gather_rollout(batch: dict, pad_id: int, device) -> dict:
                                 else [t, t.new_full((len(t), width - t.shape[1]), fill)], dim=1) for t in pieces]
         out[k] = torch.cat(pieces).to(device)
     return out
+
+
+def in_chunks(fn, model, *rows: torch.Tensor) -> torch.Tensor:
+    """fn(model, *rows), computed model.logp_chunk_tokens rows at a time (all at once if 0 or unset), concatenated.
+
+    For the LM head: a chunk's (rows, V) logits are freed once its outputs are computed, and made again in the
+    backward pass (non-reentrant activation checkpointing), so only one chunk's logits exist at once in either pass,
+    at the cost of one more LM-head forward. The values are those of one call on all the rows, up to float rounding.
+    """
+    chunk_tokens = getattr(model, "logp_chunk_tokens", 0)  # set by load_model from --logp_chunk_tokens
+    if not chunk_tokens:
+        return fn(model, *rows)
+    from torch.utils.checkpoint import checkpoint
+
+    chunks = zip(*(r.split(chunk_tokens) for r in rows))
+    return torch.cat([checkpoint(fn, model, *chunk, use_reentrant=False) for chunk in chunks])
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,8 @@ class Args:
     """batch rows of similar length (within shuffled mega-batches) to cut padding"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    attn_implementation: str = "sdpa"
+    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights stay float32, the loss is taken in float32); ignored on CPU and MPS"""
     device: str = "auto"
@@ -307,7 +309,9 @@ def train(args: Args) -> dict:
 #   learns when to stop; an empty response is scored as its <eos> alone. Where a tokenizer merges the end of the
 #   prompt with the start of the response, the merged token counts as response, as in TRL: the sequence is exactly
 #   the tokenizer's prompt + response. log pi(y|x) is summed over response tokens; the LM head and a float32
-#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
+#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built, and
+#   over --logp_chunk_tokens of them at a time, each chunk recomputed in the backward pass: one chunk's logits exist
+#   at once.
 # - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
 #   start of its responses.
 # - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
@@ -431,7 +435,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
         kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
-    model = model_class.from_pretrained(base, dtype=dtype, **kwargs)
+    model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
+                                        **kwargs)
+    model.logp_chunk_tokens = getattr(args, "logp_chunk_tokens", 0)  # sequence_logps's chunks (in_chunks)
     disable_dropout(model)
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)

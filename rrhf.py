@@ -125,6 +125,10 @@ class Args:
     """batch rows of similar length (within shuffled mega-batches) to cut padding"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    logp_chunk_tokens: int = 1024
+    """response positions per LM-head chunk, each recomputed in backward (0.6 GB of logits at a 152k vocab); 0: off"""
+    attn_implementation: str = "sdpa"
+    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"
@@ -314,7 +318,9 @@ def train(args: Args) -> dict:
 #   learns when to stop; an empty response is scored as its <eos> alone. Where a tokenizer merges the end of the
 #   prompt with the start of the response, the merged token counts as response, as in TRL: the sequence is exactly
 #   the tokenizer's prompt + response. log pi(y|x) is summed over response tokens; the LM head and a float32
-#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built.
+#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built, and
+#   over --logp_chunk_tokens of them at a time, each chunk recomputed in the backward pass: one chunk's logits exist
+#   at once.
 # - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
 #   start of its responses.
 # - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
@@ -438,7 +444,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
         kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
-    model = model_class.from_pretrained(base, dtype=dtype, **kwargs)
+    model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
+                                        **kwargs)
+    model.logp_chunk_tokens = getattr(args, "logp_chunk_tokens", 0)  # sequence_logps's chunks (in_chunks)
     disable_dropout(model)
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
@@ -1022,15 +1030,37 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     The transformer body runs on the whole batch (N, T); the LM head and a
     float32 log-softmax run only at the positions that predict a response
-    token, so no (N, T, V) logits tensor is ever built.
+    token, so no (N, T, V) logits tensor is ever built, and over at most
+    model.logp_chunk_tokens of them at a time (in_chunks).
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
     mask = targets != -100  # (N, T)
-    logits = lm_logits(model, hidden[mask])  # (M, V), M = response tokens in the batch
-    token_logps = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    token_logps = in_chunks(target_logps, model, hidden[mask], targets[mask])  # (M,), M = response tokens in the batch
     row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
     sums = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, row, token_logps)  # (N,)
     return sums, mask.sum(-1)
+
+
+def in_chunks(fn, model, *rows: torch.Tensor) -> torch.Tensor:
+    """fn(model, *rows), computed model.logp_chunk_tokens rows at a time (all at once if 0 or unset), concatenated.
+
+    For the LM head: a chunk's (rows, V) logits are freed once its outputs are computed, and made again in the
+    backward pass (non-reentrant activation checkpointing), so only one chunk's logits exist at once in either pass,
+    at the cost of one more LM-head forward. The values are those of one call on all the rows, up to float rounding.
+    """
+    chunk_tokens = getattr(model, "logp_chunk_tokens", 0)  # set by load_model from --logp_chunk_tokens
+    if not chunk_tokens:
+        return fn(model, *rows)
+    from torch.utils.checkpoint import checkpoint
+
+    chunks = zip(*(r.split(chunk_tokens) for r in rows))
+    return torch.cat([checkpoint(fn, model, *chunk, use_reentrant=False) for chunk in chunks])
+
+
+def target_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(target | hidden state) of each position, (M,), from hidden states (M, H) and target tokens (M,)."""
+    logits = lm_logits(model, hidden)  # (M, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

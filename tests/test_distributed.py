@@ -32,6 +32,7 @@ PER_PROCESS = ("per_device_train_batch_size", "per_device_eval_batch_size", "rol
 # A run on one process and on two agree to float32 rounding: measured gaps 1.1e-6 to 4.6e-5 (PPO under FSDP2) of the
 # distance trained. The SPIN FSDP2 bug this suite caught (an optimizer holding gathered copies) measured 0.16.
 GAP = 1e-4
+CHUNKED = ["--logp_chunk_tokens", "7"]  # LM-head chunks that split sequences, recomputed in the backward pass
 
 
 def launch(runs: list[tuple[str, list[str]]], nproc: int) -> list[str]:
@@ -86,7 +87,9 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir) -> dict:
     """Per script: its global sizes and its other flags, on small data. The pairs file for dpo.py has 63 rows: 57 to
     train on (6 held out, a tenth), so the last micro-batch of an epoch (9 pairs) leaves one rank a stand-in row and
     is shorter than the other micro-batch of its step. slic_hf.py
-    runs with gradient checkpointing, and rrhf.py rescores its responses with a reward model split over the ranks."""
+    runs with gradient checkpointing, and rrhf.py rescores its responses with a reward model split over the ranks.
+    dpo.py, slic_hf.py, ppo_rlhf.py and spin.py score log-probs in chunks of 7 positions (--logp_chunk_tokens), each
+    recomputed in the backward pass, under DDP and FSDP2 alike."""
     base = tmp_path_factory.mktemp("dist")
     head(TOY / "pairs" / "train.jsonl", base / "pairs63.jsonl", 63)
     torch.manual_seed(0)  # a reward model for PPO: the toy model with a random head (any scalar scorer will do here)
@@ -97,20 +100,20 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir) -> dict:
         "rm": base / "rm",
         "dpo.py": (dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=2,
                         per_device_eval_batch_size=6, eval_steps=2, save_steps=2),
-                   ["--dataset_name", str(base / "pairs63.jsonl"), "--eval_holdout", "6"]),
+                   ["--dataset_name", str(base / "pairs63.jsonl"), "--eval_holdout", "6", *CHUNKED]),
         "ipo.py": (offline, ["--dataset_name", str(data_dir), "--precompute_ref_logps"]),
         "fdpo.py": (offline, ["--dataset_name", str(data_dir), "--divergence", "js"]),
-        "slic_hf.py": (offline, ["--dataset_name", str(data_dir), "--gradient_checkpointing"]),
+        "slic_hf.py": (offline, ["--dataset_name", str(data_dir), "--gradient_checkpointing", *CHUNKED]),
         "reward_model.py": (offline, ["--dataset_name", str(data_dir)]),
         "rrhf.py": ({**offline, "per_device_train_batch_size": 8, "per_device_reward_batch_size": 6},
                     ["--dataset_name", str(ranked_dir), "--reward_model_path", str(base / "rm")]),
         "ppo_rlhf.py": (dict(num_rollouts=2, rollout_batch_size=8, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, forward_batch_size=6, num_ppo_epochs=2, eval_steps=1,
                              learning_rate=1e-3, save_steps=1),
-                        ["--reward_model_path", str(base / "rm"), "--num_eval_prompts", "7"]),
+                        ["--reward_model_path", str(base / "rm"), "--num_eval_prompts", "7", *CHUNKED]),
         "spin.py": (dict(num_iterations=2, per_device_train_batch_size=16, per_device_eval_batch_size=6,
                          per_device_generation_batch_size=10),
-                    ["--dataset_name", str(sft_dir)]),
+                    ["--dataset_name", str(sft_dir), *CHUNKED]),
     }
 
 

@@ -18,7 +18,8 @@ from helpers import TINY
 
 SCRIPTS = ["dpo", "ipo", "slic_hf", "rrhf", "fdpo", "ppo_rlhf", "spin", "reward_model"]
 CPU = dpo.Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False)
-ARGS = SimpleNamespace(gradient_checkpointing=False, fsdp=False, lora_r=0, dtype="float32")
+ARGS = SimpleNamespace(gradient_checkpointing=False, fsdp=False, lora_r=0, dtype="float32",
+                       attn_implementation="sdpa")
 
 
 # --------------------------------------------------------------------------- defect 1: dropout off in every model
@@ -51,6 +52,18 @@ def test_a_trained_model_in_train_mode_has_no_dropout(script, dropout_model_dir)
         first, second, reference = logits(trained), logits(trained), logits(frozen)
     assert torch.equal(first, second)
     assert torch.equal(first, reference)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_attn_implementation_reaches_from_pretrained(script, toy_model_dir):
+    """Issue 18: --attn_implementation (default sdpa, as transformers picks for the toy model) is the attention kernel
+    load_model asks from_pretrained for, in every script."""
+    module = importlib.import_module(script)
+    assert module.Args.attn_implementation == "sdpa"
+    for kernel in ("eager", "sdpa"):
+        args = SimpleNamespace(**{**vars(ARGS), "attn_implementation": kernel})
+        model = module.unwrap(module.load_model(str(toy_model_dir), args, CPU, trained=False))
+        assert model.config._attn_implementation == kernel
 
 
 def test_step_zero_dpo_loss_is_log_2_on_a_model_with_dropout(toy_model_dir, toy_tokenizer, tmp_path):
