@@ -19,7 +19,8 @@ CPU = dpo.Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False)
 
 def lora_args(**overrides):
     fields = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_target_modules="all-linear", dtype="float32",
-                  gradient_checkpointing=False, fsdp=False, ref_model_name_or_path=None, merge_lora=False)
+                  gradient_checkpointing=False, fsdp=False, ref_model_name_or_path=None, merge_lora=False,
+                  attn_implementation="sdpa")
     return SimpleNamespace(**{**fields, **overrides})
 
 
