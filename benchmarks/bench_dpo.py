@@ -20,7 +20,8 @@ positions that go through the LM head. Training = forward + backward = 3x forwar
     modules, i.e. what the implementation really fed to the model (padding included); attention is counted as the
     full T^2 square (a masked dense kernel). TRL 1.16 on CPU runs its fused chunked LM head over ALL positions
     (P = T-1; the compact "response-only" path needs Triton, i.e. GPU) and recomputes the logits in backward, so its
-    head costs 4x forward in training instead of 3x. For `ours` P comes from the lm_head hook (3x in training).
+    head costs 4x forward in training instead of 3x. For `ours` P comes from the lm_head hook: 3x in training, or
+    with --logp_chunk_tokens (on by default) 4x, its backward's recomputation being seen by the hook (so 2x P as seen).
 
 Commands (run from the repo root, on a quiet machine; --threads as wanted):
   python benchmarks/bench_dpo.py --impl both --threads 2 --trl-python /tmp/trl_venv/bin/python   # 160 pairs, both
@@ -200,7 +201,9 @@ def run_ours(cfg: Config, paths: dict) -> dict:
     )
     t0 = time.perf_counter()
     dpo.train(args)  # may include a final save (~0.1 s for this model)
-    return {"wall_s": time.perf_counter() - t0, "version": "repo", "head_train_mult": 3}
+    # chunked, the hook sees each position's head twice in training (forward, recomputation in the backward): 2 x 2
+    head_train_mult = 2 if args.logp_chunk_tokens else 3
+    return {"wall_s": time.perf_counter() - t0, "version": "repo", "head_train_mult": head_train_mult}
 
 
 def child(cfg: Config) -> None:

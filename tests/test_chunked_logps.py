@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import dpo
 import ppo_rlhf as ppo
@@ -182,10 +182,10 @@ def test_train_sets_the_chunk_size_on_its_models(data_dir, toy_model_dir, tmp_pa
     """dpo.py --logp_chunk_tokens 5: every pass of the LM head in training (the policy's forward and recomputation, the
     reference's and the evaluation's no-grad passes) scores at most 5 positions; only the start-up check of the head
     (check_log_probs, 64 positions at most) runs it unchunked."""
-    rows = []
-    hook = torch.nn.modules.module.register_module_forward_hook(
+    rows, vocab_size = [], AutoConfig.from_pretrained(toy_model_dir).vocab_size
+    hook = torch.nn.modules.module.register_module_forward_hook(  # every LM head's output: its rows
         lambda module, inputs, output: rows.append(len(output)) if isinstance(module, torch.nn.Linear)
-        and module.out_features == 19 else None)  # the toy vocabulary
+        and module.out_features == vocab_size else None)
     try:
         dpo.train(dpo.Args(**{**SHORT_RUN, "max_steps": 1, "save_steps": 0}, logp_chunk_tokens=5, eval_holdout=0,
                            model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir),
