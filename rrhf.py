@@ -955,8 +955,13 @@ def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_
 
 
 def row_length(row: dict) -> int:
-    """The length that --group_by_length sorts by: a pair's longer sequence, or the total tokens of a group."""
-    return sum(len(s) for s in row["seqs"]) if "seqs" in row else max(len(row["chosen"]), len(row["rejected"]))
+    """The length that --group_by_length sorts by: a pair's longer sequence, the total tokens of a group, or the longer
+    of an unpaired row's completion and its mismatched one (kto.py)."""
+    if "seqs" in row:
+        return sum(len(s) for s in row["seqs"])
+    if "completion" in row:
+        return max(len(row["completion"]), len(row["kl"]))
+    return max(len(row["chosen"]), len(row["rejected"]))
 
 
 def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:

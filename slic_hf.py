@@ -839,8 +839,13 @@ def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_
 
 
 def row_length(row: dict) -> int:
-    """The length that --group_by_length sorts by: a pair's longer sequence, or the total tokens of a group."""
-    return sum(len(s) for s in row["seqs"]) if "seqs" in row else max(len(row["chosen"]), len(row["rejected"]))
+    """The length that --group_by_length sorts by: a pair's longer sequence, the total tokens of a group, or the longer
+    of an unpaired row's completion and its mismatched one (kto.py)."""
+    if "seqs" in row:
+        return sum(len(s) for s in row["seqs"])
+    if "completion" in row:
+        return max(len(row["completion"]), len(row["kl"]))
+    return max(len(row["chosen"]), len(row["rejected"]))
 
 
 def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
@@ -876,13 +881,14 @@ class MicroBatch:
         return int(attention_mask.unflatten(0, (-1, len(self.rows)))[:, : self.n].sum())
 
 
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Chosen then rejected sequences (then targets, where rows have them) in one right-padded batch of 2B (3B) rows.
+def collate(rows: list[dict], pad_id: int, parts: Optional[tuple[str, ...]] = None) -> dict:
+    """Each row's sequences `parts`, part after part, in one right-padded batch of len(parts) * B rows; by default
+    chosen then rejected (then target, where rows have one).
 
     `targets` holds the next token at each position and -100 where it is not
     a response token, so log-probs are gathered at response positions only.
     """
-    parts = ("chosen", "rejected", "target") if "target" in rows[0] else ("chosen", "rejected")
+    parts = parts or (("chosen", "rejected", "target") if "target" in rows[0] else ("chosen", "rejected"))
     sequences = [r[part] for part in parts for r in rows]
     starts = [r[f"{part}_start"] for part in parts for r in rows]
     width = max(len(s) for s in sequences)

@@ -654,7 +654,7 @@ def load_splits(name: str, config: Optional[str], train_split: str, eval_split: 
     return parts["train"], parts["test"]
 
 
-SFT_FORMATS = (
+COMPLETION_FORMATS = (
     "accepted SFT formats:\n"
     "  prompt-completion:  prompt, completion as strings, or as lists of {'role', 'content'} messages\n"
     "  conversational:     messages, a list of {'role', 'content'} messages whose last one is the answer"
@@ -667,16 +667,16 @@ def check_sft_columns(dataset, name: str) -> None:
     if "messages" not in columns and not {"prompt", "completion"} <= columns:
         missing = "completion" if "prompt" in columns else "prompt"
         raise UsageError(f"dataset {name!r} has no column {missing!r} and no 'messages' column "
-                         f"(columns: {sorted(columns)}).\n{SFT_FORMATS}")
+                         f"(columns: {sorted(columns)}).\n{COMPLETION_FORMATS}")
 
 
-def sft_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool]]:
+def completion_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool]]:
     """(prompt, completion, templated) as text, whichever format the row is in; None if a part is empty."""
     if row.get("messages") is not None:
         messages = row["messages"]
         if not is_conversation(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise UsageError(f"row {index}: 'messages' should be a list of {{'role', 'content'}} messages ending with "
-                             f"the assistant's answer, got {str(messages)[:80]!r}\n{SFT_FORMATS}")
+                             f"the assistant's answer, got {str(messages)[:80]!r}\n{COMPLETION_FORMATS}")
         prompt, completion = messages[:-1], messages[-1:]
     else:
         prompt, completion = row["prompt"], row["completion"]
@@ -685,7 +685,7 @@ def sft_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, bool
         if not (is_conversation(value) if chat else isinstance(value, str)):
             kind = "a list of {'role', 'content'} messages like 'prompt'" if chat else "a string like 'prompt'"
             raise UsageError(f"row {index}: column {column!r} should be {kind}, got {type(value).__name__}: "
-                             f"{str(value)[:80]!r}\n{SFT_FORMATS}")
+                             f"{str(value)[:80]!r}\n{COMPLETION_FORMATS}")
     if not prompt or (chat and not completion):  # an empty text answer is kept: it is scored as its <eos>
         return None
     if not chat:
@@ -753,7 +753,7 @@ def tokenize_sft(dataset, tokenizer, max_length: int, max_prompt_length: int, ma
     """
     rows, skipped, truncated = [], Counter(), 0
     for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
-        texts = sft_texts(row, i, tokenizer)
+        texts = completion_texts(row, i, tokenizer)
         if texts is None:
             skipped["empty prompt or answer"] += 1
             continue
@@ -920,8 +920,13 @@ def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_
 
 
 def row_length(row: dict) -> int:
-    """The length that --group_by_length sorts by: a pair's longer sequence, or the total tokens of a group."""
-    return sum(len(s) for s in row["seqs"]) if "seqs" in row else max(len(row["chosen"]), len(row["rejected"]))
+    """The length that --group_by_length sorts by: a pair's longer sequence, the total tokens of a group, or the longer
+    of an unpaired row's completion and its mismatched one (kto.py)."""
+    if "seqs" in row:
+        return sum(len(s) for s in row["seqs"])
+    if "completion" in row:
+        return max(len(row["completion"]), len(row["kl"]))
+    return max(len(row["chosen"]), len(row["rejected"]))
 
 
 def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
@@ -958,29 +963,31 @@ class MicroBatch:
 
 
 @torch.no_grad()
-def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, runtime: Runtime) -> torch.Tensor:
-    """Reference log-probs of every pair, (len(rows), 2) = (chosen, rejected), in one pass split over the ranks."""
+def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, runtime: Runtime,
+                         parts: tuple[str, str] = ("chosen", "rejected")) -> torch.Tensor:
+    """Reference log-probs of each row's two sequences `parts`, (len(rows), 2), in one pass split over the ranks."""
     out = torch.zeros(len(rows), 2, device=runtime.device)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["chosen"]) + len(rows[i]["rejected"]))  # little padding
+    order = sorted(range(len(rows)), key=lambda i: sum(len(rows[i][part]) for part in parts))  # little padding
     step = batch_size * runtime.world
     for s in tqdm(range(0, len(order), step), desc="reference log-probs", leave=False):
         share, n = rank_share([rows[i] for i in order[s : s + step]], runtime.rank, runtime.world)
-        batch = to_device(collate(share, pad_id), runtime.device)
+        batch = to_device(collate(share, pad_id, parts), runtime.device)
         with runtime.autocast():
-            chosen, rejected = ref_model(pair_logps, batch)
-        out[batch["index"][:n]] = torch.stack([chosen, rejected], dim=1)[:n].float()
+            first, second = ref_model(pair_logps, batch)
+        out[batch["index"][:n]] = torch.stack([first, second], dim=1)[:n].float()
     if runtime.world > 1:
-        dist.all_reduce(out)  # each pair was computed on one rank, and is 0 on the others
+        dist.all_reduce(out)  # each row was computed on one rank, and is 0 on the others
     return out.cpu()
 
 
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Chosen then rejected sequences (then targets, where rows have them) in one right-padded batch of 2B (3B) rows.
+def collate(rows: list[dict], pad_id: int, parts: Optional[tuple[str, ...]] = None) -> dict:
+    """Each row's sequences `parts`, part after part, in one right-padded batch of len(parts) * B rows; by default
+    chosen then rejected (then target, where rows have one).
 
     `targets` holds the next token at each position and -100 where it is not
     a response token, so log-probs are gathered at response positions only.
     """
-    parts = ("chosen", "rejected", "target") if "target" in rows[0] else ("chosen", "rejected")
+    parts = parts or (("chosen", "rejected", "target") if "target" in rows[0] else ("chosen", "rejected"))
     sequences = [r[part] for part in parts for r in rows]
     starts = [r[f"{part}_start"] for part in parts for r in rows]
     width = max(len(s) for s in sequences)

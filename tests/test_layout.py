@@ -22,6 +22,7 @@ SCRIPTS = {
     "reward_model.py": ("reward_loss", 130, 350),
     "spin.py": ("spin_loss", 130, 350),
     "ppo_rlhf.py": ("ppo_policy_loss", 220, 550),
+    "kto.py": ("kto_loss", 130, 350),
 }
 BANNER = "# Shared machinery: byte-identical in every script that has it (tests/test_copies_identical.py)."
 RULE = "# " + "=" * 118

@@ -1,6 +1,7 @@
 """Build the embedded toy world deterministically: tokenizer, reference model, data.
 
     python toy_world/make_toy_world.py            # rewrites toy_world/{model,pairs,...}
+    python toy_world/make_toy_world.py --unpaired-only   # only unpaired/ and unpaired_imbalanced/, from the model
 
 Steps:
 1. A word-level tokenizer built offline with `tokenizers` (19 tokens), with a
@@ -17,6 +18,10 @@ Steps:
    - ranked/            k = 2..4 answers per prompt with their true rewards
    - sft/               prompt/completion SFT data drawn from p_data
    - prompts/           prompt-only data
+   - unpaired/          prompt/completion/label rows for kto.py: answers from the reference, each labelled
+                        desirable with probability sigmoid(r - 2) (P_DESIRABLE); about 46% are
+   - unpaired_imbalanced/  the same kind of draw with desirable rows kept with probability KEEP_DESIRABLE,
+                        chosen so that desirable:undesirable is 1:4 in expectation
    Answers are sampled from the reference model's exact distribution over Y,
    and pairs are labelled by Bradley-Terry from the true reward:
    P(y1 > y2) = sigmoid(r(y1) - r(y2)).
@@ -43,6 +48,16 @@ N_TRAIN_PAIRS, N_TEST_PAIRS = 16384, 512
 N_FORMAT_TRAIN_PAIRS = 2048  # the plain-text and hh-rlhf copies hold the first train pairs only: they test parsing
 N_TRAIN_RANKED, N_TEST_RANKED = 2048, 256
 N_TRAIN_SFT, N_TEST_SFT = 2048, 256
+N_TRAIN_UNPAIRED, N_TEST_UNPAIRED = 16384, 512  # draws; the imbalanced files keep fewer rows
+UNPAIRED_SEED = SEED + 1  # its own stream: adding the unpaired files left every other file byte-identical
+DESIRABLE_TO_UNDESIRABLE = 1 / 4  # the imbalanced variant's expected ratio
+
+
+def p_desirable(prompt: str, words: tuple[str, ...]) -> float:
+    """P(label = desirable | x, y) = sigmoid(r(x, y) - 2): a thumbs-up from a rater who compares the answer with a
+    neutral one (r = 2) by Bradley-Terry. So a desirable and an undesirable answer to the same prompt, paired, are a
+    Bradley-Terry pair in r: P(y1 labelled good, y2 bad | {y1, y2}) = sigmoid(r1 - r2)."""
+    return float(1 / (1 + np.exp(-(world.reward(prompt, words) - 2.0))))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -213,8 +228,57 @@ def main() -> None:
     for split in ("train", "test"):
         write_jsonl(os.path.join(HERE, "prompts", f"{split}.jsonl"),
                     [{"prompt": [{"role": "user", "content": p}]} for p in world.PROMPTS])
+    write_unpaired(probs)
     print(f"toy world written to {HERE} in {time.time() - t0:.1f}s")
 
 
+def keep_desirable(probs: dict[str, np.ndarray]) -> float:
+    """The probability of keeping a desirable row that makes desirable:undesirable DESIRABLE_TO_UNDESIRABLE in
+    expectation, over uniform prompts and reference answers."""
+    s = np.mean([probs[p] @ np.array([p_desirable(p, y) for y in world.RESPONSES]) for p in world.PROMPTS])
+    return DESIRABLE_TO_UNDESIRABLE * (1 - s) / s
+
+
+def write_unpaired(probs: dict[str, np.ndarray]) -> None:
+    """unpaired/ and unpaired_imbalanced/: a uniform prompt, an answer from the reference's exact distribution over
+    Y, and a label drawn with probability p_desirable, each row stating that probability; the imbalanced files drop
+    each desirable row with probability 1 - keep_desirable."""
+    rng = np.random.default_rng(UNPAIRED_SEED)
+    keep = keep_desirable(probs)
+
+    def rows(n: int, keep_good: float) -> list[dict]:
+        out = []
+        for a in rng.integers(len(world.PROMPTS), size=n):
+            prompt = world.PROMPTS[a]
+            y = world.RESPONSES[rng.choice(len(world.RESPONSES), p=probs[prompt])]
+            p = p_desirable(prompt, y)
+            label = bool(rng.random() < p)
+            if label and rng.random() >= keep_good:
+                continue
+            out.append({"prompt": [{"role": "user", "content": prompt}],
+                        "completion": [{"role": "assistant", "content": text(y)}], "label": label,
+                        "p_desirable": round(p, 6)})
+        return out
+
+    for folder, keep_good in (("unpaired", 1.0), ("unpaired_imbalanced", keep)):
+        for split, n in (("train", N_TRAIN_UNPAIRED), ("test", N_TEST_UNPAIRED)):
+            data = rows(n, keep_good)
+            write_jsonl(os.path.join(HERE, folder, f"{split}.jsonl"), data)
+            good = sum(r["label"] for r in data)
+            print(f"{folder}/{split}: {len(data)} rows, {good} desirable, {len(data) - good} undesirable")
+    print(f"imbalanced: desirable rows kept with probability {keep:.6f}")
+
+
+def unpaired_only() -> None:
+    """Write the unpaired files from the committed reference model, leaving every other file alone."""
+    model = LlamaForCausalLM.from_pretrained(os.path.join(HERE, "model")).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(HERE, "model"))
+    probs = {}
+    for prompt in world.PROMPTS:
+        p = np.exp(world.response_logprobs(model, tokenizer, prompt)[:-1])
+        probs[prompt] = p / p.sum()
+    write_unpaired(probs)
+
+
 if __name__ == "__main__":
-    main()
+    unpaired_only() if sys.argv[1:] == ["--unpaired-only"] else main()
