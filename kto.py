@@ -103,8 +103,8 @@ class Args:
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
-    learning_rate: float = 3e-4
-    """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
+    learning_rate: float = 1e-5
+    """peak AdamW learning rate (the toy world's at beta 0.1, docs/kto.md; about 5e-7 suits a real 0.5-7B model)"""
     num_train_epochs: int = 2
     """passes over the training rows"""
     max_steps: int = -1
@@ -178,6 +178,9 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------- the method
+PARTS = ("completion", "kl")  # each row's sequences: its prompt and completion, and its prompt and another completion
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -269,18 +272,20 @@ def train(args: Args) -> dict:
     batches = TrainBatches(train_rows, args, runtime)
     if args.precompute_ref_logps and ref_logps is None:  # one pass of the reference over every row, then free it
         ref_logps = {split: precompute_ref_logps(ref_model, rows, args.per_device_eval_batch_size, pad_id, runtime,
-                                                 ("completion", "kl"))
+                                                 PARTS)
                      for split, rows in (("train", train_rows), ("eval", eval_rows))}
         ref_model = None
         release_memory(runtime.device)
 
-    def batch_losses(rows: list[dict], split: str, n: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """Losses of one batch, the metrics of its n real rows (of its stand-in if n = 0), and the attention mask of
-        the policy's sequences: the completions, then the mismatched rows."""
-        both, completions, mismatched = (to_device(collate(rows, pad_id, parts), runtime.device)
-                                         for parts in (("completion", "kl"), ("completion",), ("kl",)))
-        ref_completion, ref_mismatched = ref_pair_logps(ref_model, ref_logps, both, split, runtime)
-        with torch.no_grad(), runtime.autocast():  # z0 carries no gradient: the mismatched rows need none
+    def batch_losses(rows: list[dict], split: str, n: int) -> tuple[torch.Tensor, dict, int]:
+        """Losses of one batch, the metrics of its n real rows (of its stand-in if n = 0), and their policy tokens."""
+        sequences = [to_device(collate(rows, pad_id, (part,)), runtime.device) for part in PARTS]
+        completions, mismatched = sequences
+        with torch.no_grad(), runtime.autocast():  # z0 carries no gradient, so the mismatched rows need none
+            if ref_logps is None:  # on the policy's own batches, so that r = 0 exactly at step 0
+                ref_completion, ref_mismatched = (ref_model(completion_logps, batch).float() for batch in sequences)
+            else:
+                ref_completion, ref_mismatched = ref_logps[split][completions["index"].cpu()].to(runtime.device).T
             kl = kl_estimate(policy(completion_logps, mismatched).float(), ref_mismatched, n)
         with runtime.autocast():
             policy_logps = policy(completion_logps, completions).float()
@@ -289,7 +294,7 @@ def train(args: Args) -> dict:
                                    args.undesirable_weight)
         real = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
         metrics = kto_metrics(split, *(x[real] for x in (losses, policy_logps, rewards, desirable)), kl)
-        return losses, metrics, both["attention_mask"]
+        return losses, metrics, sum(int(batch["attention_mask"][:n].sum()) for batch in sequences)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -315,10 +320,10 @@ def train(args: Args) -> dict:
         sums = MetricSums()  # also starts the step's clock
         for micro in batches.of_step(step):
             with sync_gradients(policy, micro.last):
-                losses, batch_metrics, attention_mask = batch_losses(micro.rows, "train", micro.n)
+                losses, batch_metrics, tokens = batch_losses(micro.rows, "train", micro.n)
                 check_finite(losses, "loss", f"step {step}", last_checkpoint)
                 micro.global_mean(losses).backward()
-            sums.add(batch_metrics, micro.n, micro.real_tokens(attention_mask))
+            sums.add(batch_metrics, micro.n, tokens)
         grad_norm = clip_gradients(policy, args.max_grad_norm)
         check_finite(grad_norm, "gradient norm", f"step {step}", last_checkpoint)
         optimizer.step()

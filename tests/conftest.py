@@ -54,6 +54,12 @@ def sft_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def unpaired_dir(tmp_path_factory) -> Path:
+    """The toy world's unpaired rows (answers from the reference, each labelled desirable or not), N_TRAIN / N_TEST."""
+    return snapshot(tmp_path_factory, "unpaired")
+
+
+@pytest.fixture(scope="module")
 def ranked_dir(tmp_path_factory) -> Path:
     """The toy world's ranked groups (k = 2-4 reference samples, true scores), N_TRAIN / N_TEST rows."""
     return snapshot(tmp_path_factory, "ranked")

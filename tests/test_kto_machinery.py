@@ -14,16 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kto
-from conftest import snapshot
 from helpers import SHORT_RUN, assert_same_weights, cached_runner, direct_logp, python, toy_chat_ids
 
 P = "how was the food ?"
-
-
-@pytest.fixture(scope="module")
-def unpaired_dir(tmp_path_factory):
-    """The toy world's unpaired rows (64 train, 16 test), conversational, with a boolean label."""
-    return snapshot(tmp_path_factory, "unpaired")
 
 
 @pytest.fixture(scope="module")
