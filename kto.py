@@ -34,7 +34,7 @@ Usage
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
     train/loss                  mean KTO loss
-    train/kl                    z0, the clamped reference point (the mean over the step's micro-batches)
+    train/kl                    z0, the clamped reference point (over the step's micro-batches, by their rows)
     train/rewards/chosen        beta * (log pi - log pi_ref), the implicit reward, over desirable rows
     train/rewards/rejected      the same over undesirable rows
     train/rewards/margin        chosen minus rejected
@@ -213,11 +213,10 @@ def kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, n: in
 
     policy_kl_logps, ref_kl_logps: (B,) log-probs of each row's prompt followed by another row's completion.
     """
-    sums = torch.stack([(policy_kl_logps - ref_kl_logps)[:n].sum().double(),
-                        torch.tensor(float(n), dtype=torch.float64, device=policy_kl_logps.device)])
+    sums = torch.stack([(policy_kl_logps - ref_kl_logps)[:n].sum(), policy_kl_logps.new_tensor(float(n))])
     if dist.is_initialized():
         dist.all_reduce(sums)
-    return (sums[0] / sums[1]).float()
+    return sums[0] / sums[1]
 
 
 def completion_logps(model, batch: dict) -> torch.Tensor:
@@ -672,9 +671,9 @@ def advise_weights(rows: list[dict], desirable_weight: float, undesirable_weight
     """Print the paper's advice for imbalanced data when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3]."""
     n_desirable = sum(row["label"] for row in rows)
     n_undesirable = len(rows) - n_desirable
-    if not (n_desirable and n_undesirable and undesirable_weight):
-        print(f"train: {n_desirable} desirable and {n_undesirable} undesirable rows; undesirable_weight "
-              f"{undesirable_weight}: the weights' ratio is not defined")
+    if not (n_desirable and n_undesirable and desirable_weight and undesirable_weight):
+        print(f"train: {n_desirable} desirable and {n_undesirable} undesirable rows, weights {desirable_weight} and "
+              f"{undesirable_weight}: the paper's advice on their ratio does not apply")
         return
     ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
     if 1 <= ratio <= 4 / 3:
@@ -727,7 +726,8 @@ def labelled_texts(dataset, name: str, tokenizer, desc: str) -> tuple[list[tuple
 def tokenize_unpaired(dataset, tokenizer, args, desc: str) -> list[dict]:
     """Tokenize every labelled row, and give each the completion of the row before it in a seeded shuffle of its split,
     after its own prompt: the mismatched pairs that z0 is estimated from. The mismatched ids are the prompt's ids then
-    the other completion's ids, as in TRL. Skipped rows are counted by reason and reported, never dropped silently.
+    the other completion's ids, as in TRL (a split of one row gets its own). Skipped rows are counted by reason and
+    reported, never dropped silently.
 
     A kept row holds its ids (prompt + completion) and its mismatched ids (`kl`) with where each completion starts,
     its `label`, its `index` among the kept rows and its `row` in the dataset.

@@ -88,13 +88,21 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
     assert str(tmp_path / "run" / "checkpoint-3") in str(info.value)
 
 
-def test_metrics_and_z0(train_run):
-    metrics = train_run().metrics
-    for split in ("train", "eval"):
-        assert metrics[f"{split}/kl"] >= 0
-        assert 0 < metrics[f"{split}/desirable"] < 1
-        margin = metrics[f"{split}/rewards/chosen"] - metrics[f"{split}/rewards/rejected"]
-        assert metrics[f"{split}/rewards/margin"] == pytest.approx(margin)
+def test_eval_metrics_are_per_label_means(train_run, toy_model_dir):
+    """eval/desirable is the eval split's share of desirable rows, and eval/rewards/chosen and /rejected are beta
+    times the mean log-ratio over each label's rows, recomputed here by plain forwards of the saved model."""
+    run = train_run(fresh=True, max_steps=2, eval_steps=0)
+    rows = kto.load_unpaired(run.args, AutoTokenizer.from_pretrained(toy_model_dir))[1]
+    policy, reference = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (run.out, toy_model_dir))
+    rewards = {True: [], False: []}
+    for row in rows:
+        prompt, answer = row["completion"][: row["completion_start"]], row["completion"][row["completion_start"]:]
+        rewards[row["label"]].append(run.args.beta * (direct_logp(policy, prompt, answer)
+                                                      - direct_logp(reference, prompt, answer)))
+    assert run.metrics["eval/desirable"] == pytest.approx(len(rewards[True]) / len(rows))
+    for label, name in ((True, "chosen"), (False, "rejected")):
+        assert run.metrics[f"eval/rewards/{name}"] == pytest.approx(sum(rewards[label]) / len(rewards[label]),
+                                                                    abs=1e-6)
 
 
 def test_each_row_is_scored_with_another_rows_completion_after_its_own_prompt(tmp_path, toy_model_dir):
@@ -115,6 +123,8 @@ def test_each_row_is_scored_with_another_rows_completion_after_its_own_prompt(tm
     assert [row["label"] for row in rows] == [True, False, True, False, True]
     again = rows_of(tmp_path, [{"prompt": P, "completion": " " + a, "label": True} for a in answers], seed=1)
     assert [r["kl"][r["kl_start"]:][:-1] for r in again] == [completions[p][:-1] for p in partners]
+    other = rows_of(tmp_path, [{"prompt": P, "completion": " " + a, "label": True} for a in answers], seed=2)
+    assert [r["kl"][r["kl_start"]:][:-1] for r in other] != [completions[p][:-1] for p in partners]
 
 
 def test_the_reference_point_is_the_mean_log_ratio_of_the_mismatched_rows(train_run, monkeypatch, unpaired_dir,

@@ -166,8 +166,9 @@ def test_population_loss_is_the_derived_form():
 
 @pytest.mark.parametrize("name", ["beta=0.1", "beta=0.5", "beta=1", "beta=0.5, q=1/4", "beta=0.5, weighted"])
 def test_kto_reaches_the_derived_minimiser(fits, name):
-    """Points 1-3 for beta <= 1: the support is w > 0, z0 = 0 at the fixed point, pi matches the bisection, and h
-    rises with the reward on the support."""
+    """Points 1-3 for beta <= 1: no mass on w <= 0, z0 = 0 at the fixed point, pi matches the bisection, and h rises
+    with the reward on the support. (At beta = 1 the bisection may also drop an answer with a small w > 0, since
+    s'(u) e^{-h} stays finite as h -> -inf; on this problem none is dropped, the smallest positive w being 0.076.)"""
     cfg, logp, estimate = fits[name]
     ref, reward, p_good = problem()
     w = net_weight(p_good, cfg)
@@ -227,4 +228,9 @@ def test_report_against_the_kl_regularised_optimum(fits):
                   for x in range(N_PROMPTS))
     lines.append(f"beta=2: ordered by reward on the support: {ordered}")
     MEASURED.append("KTO tabular minimisers (3 prompts, 8 answers): " + "; ".join(lines))
-    assert all(math.isfinite(float(f[1].exp().sum())) for f in fits.values())
+    # as point 6 leads one to expect, beta barely moves KTO's minimiser where it moves pi* a long way: over beta = 0.1,
+    # 0.5, 1, 2, KL(pi || pi_ref) measured 0.862-0.909 for KTO (a ratio of 1.055), 0.149-1.782 for pi* (12.0)
+    betas = ("beta=0.1", "beta=0.5", "beta=1", "beta=2")
+    kto_kls = [kl(fits[name][1], ref) for name in betas]
+    star_kls = [kl(torch.log_softmax(ref + reward / fits[name][0]["beta"], -1), ref) for name in betas]
+    assert max(kto_kls) / min(kto_kls) < 1.1 and max(star_kls) / min(star_kls) > 10
