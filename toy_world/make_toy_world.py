@@ -1,7 +1,7 @@
 """Build the embedded toy world deterministically: tokenizer, reference model, data.
 
     python toy_world/make_toy_world.py            # rewrites toy_world/{model,pairs,...}
-    python toy_world/make_toy_world.py --unpaired-only   # only unpaired/ and unpaired_imbalanced/, from the model
+    python toy_world/make_toy_world.py --only unpaired safety_pairs   # only those files, from the committed model
 
 Steps:
 1. A word-level tokenizer built offline with `tokenizers` (19 tokens), with a
@@ -22,6 +22,8 @@ Steps:
                         desirable with probability sigmoid(r - 2) (P_DESIRABLE); about 46% are
    - unpaired_imbalanced/  the same kind of draw with desirable rows kept with probability KEEP_DESIRABLE,
                         chosen so that desirable:undesirable is 1:4 in expectation
+   - safety_pairs/      pairs drawn as pairs/ are, labelled by Bradley-Terry on the safety g (world.safety):
+                        P(y1 > y2) = sigmoid(g1 - g2), for sacpo.py's safety step
    Answers are sampled from the reference model's exact distribution over Y,
    and pairs are labelled by Bradley-Terry from the true reward:
    P(y1 > y2) = sigmoid(r(y1) - r(y2)).
@@ -50,6 +52,7 @@ N_TRAIN_RANKED, N_TEST_RANKED = 2048, 256
 N_TRAIN_SFT, N_TEST_SFT = 2048, 256
 N_TRAIN_UNPAIRED, N_TEST_UNPAIRED = 16384, 512  # draws; the imbalanced files keep fewer rows
 UNPAIRED_SEED = SEED + 1  # its own stream: adding the unpaired files left every other file byte-identical
+SAFETY_SEED = SEED + 2  # the same for the safety pairs
 DESIRABLE_TO_UNDESIRABLE = 1 / 4  # the imbalanced variant's expected ratio
 
 
@@ -229,6 +232,7 @@ def main() -> None:
         write_jsonl(os.path.join(HERE, "prompts", f"{split}.jsonl"),
                     [{"prompt": [{"role": "user", "content": p}]} for p in world.PROMPTS])
     write_unpaired(probs)
+    write_safety_pairs(probs)
     print(f"toy world written to {HERE} in {time.time() - t0:.1f}s")
 
 
@@ -269,16 +273,44 @@ def write_unpaired(probs: dict[str, np.ndarray]) -> None:
     print(f"imbalanced: desirable rows kept with probability {keep:.6f}")
 
 
-def unpaired_only() -> None:
-    """Write the unpaired files from the committed reference model, leaving every other file alone."""
+def write_safety_pairs(probs: dict[str, np.ndarray]) -> None:
+    """safety_pairs/: a uniform prompt and two different answers drawn i.i.d. from the reference's exact distribution
+    over Y, ordered by Bradley-Terry on the safety g (conversational, as pairs/)."""
+    rng = np.random.default_rng(SAFETY_SEED)
+    for split, n in (("train", N_TRAIN_PAIRS), ("test", N_TEST_PAIRS)):
+        rows = []
+        while len(rows) < n:
+            prompt = world.PROMPTS[rng.integers(len(world.PROMPTS))]
+            i, j = rng.choice(len(world.RESPONSES), size=2, p=probs[prompt])
+            if i == j:  # two identical answers carry no preference
+                continue
+            a1, a2 = world.RESPONSES[i], world.RESPONSES[j]
+            p1 = 1 / (1 + np.exp(-(world.safety(prompt, a1) - world.safety(prompt, a2))))
+            chosen, rejected = (a1, a2) if rng.random() < p1 else (a2, a1)
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": text(chosen)}],
+                         "rejected": [{"role": "assistant", "content": text(rejected)}]})
+        write_jsonl(os.path.join(HERE, "safety_pairs", f"{split}.jsonl"), rows)
+        print(f"safety_pairs/{split}: {len(rows)} pairs")
+
+
+WRITERS = {"unpaired": write_unpaired, "safety_pairs": write_safety_pairs}
+
+
+def write_only(names: list[str]) -> None:
+    """Write the named files (WRITERS) from the committed reference model, leaving every other file alone."""
+    unknown = [name for name in names if name not in WRITERS]
+    if unknown or not names:
+        raise SystemExit(f"--only takes one or more of {sorted(WRITERS)}, got {names}")
     model = LlamaForCausalLM.from_pretrained(os.path.join(HERE, "model")).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(HERE, "model"))
     probs = {}
     for prompt in world.PROMPTS:
         p = np.exp(world.response_logprobs(model, tokenizer, prompt)[:-1])
         probs[prompt] = p / p.sum()
-    write_unpaired(probs)
+    for name in names:
+        WRITERS[name](probs)
 
 
 if __name__ == "__main__":
-    unpaired_only() if sys.argv[1:] == ["--unpaired-only"] else main()
+    write_only(sys.argv[2:]) if sys.argv[1:2] == ["--only"] else main()

@@ -85,6 +85,22 @@ def reward(prompt: str, words: tuple[str, ...] | None) -> float:
     return topic_score + sentiment + 2.0
 
 
+EXAGGERATIONS = ("very", "great", "awful")
+
+
+def safety(prompt: str, words: tuple[str, ...] | None) -> float:
+    """g(x, y) in {0, 1, 2}: how calm the answer is, for sacpo.py's constraint. None (BOTTOM) gets 0.
+
+    g = 2 minus the number of exaggerating words ("very", "great", "awful"), floored at 0. It conflicts with r in
+    part: r's best answers exaggerate ("great food" and "very good food" score r = 4 but g = 1), while "good food"
+    and "the food was good" score r = 3.5 and g = 2; and "awful" answers are both unkind and unsafe. The prompt is
+    unused: g is the same for every question.
+    """
+    if words is None:
+        return 0.0
+    return max(0.0, 2.0 - sum(w in EXAGGERATIONS for w in words))
+
+
 # ---------------------------------------------------------------- the response space
 def all_responses() -> list[tuple[str, ...]]:
     """Y in canonical order: by length, then lexicographically by word index."""
@@ -93,6 +109,11 @@ def all_responses() -> list[tuple[str, ...]]:
 
 RESPONSES = all_responses()
 RESPONSE_INDEX = {y: i for i, y in enumerate(RESPONSES)}
+
+
+def safety_vector(prompt: str) -> np.ndarray:
+    """g over Y followed by g(BOTTOM): shape (|Y| + 1,)."""
+    return np.array([safety(prompt, y) for y in RESPONSES] + [safety(prompt, None)])
 
 
 def reward_vector(prompt: str) -> np.ndarray:
