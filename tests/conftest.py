@@ -60,6 +60,13 @@ def unpaired_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def safety_dir(tmp_path_factory) -> Path:
+    """The toy world's safety pairs (reference answers labelled by Bradley-Terry on the safety score g), N_TRAIN /
+    N_TEST rows."""
+    return snapshot(tmp_path_factory, "safety_pairs")
+
+
+@pytest.fixture(scope="module")
 def ranked_dir(tmp_path_factory) -> Path:
     """The toy world's ranked groups (k = 2-4 reference samples, true scores), N_TRAIN / N_TEST rows."""
     return snapshot(tmp_path_factory, "ranked")

@@ -74,17 +74,23 @@ def kl_from_reference(policy: dict, reference: dict) -> float:
     return float(np.mean([world.kl(policy[x], toy.on_answers(reference[x])) for x in world.PROMPTS]))
 
 
-@pytest.mark.slow  # enumerates the toy reference (shared with the other end-to-end tests)
-def test_the_exact_constrained_optimum():
-    """lambda* by bisection, E_pi*[g] = b to 1e-9 (E[g] rises with lambda: its derivative is Var(g) / beta); the
-    constraint binds (pi_r* breaks it); and the stepwise route, pi_r* then realigned toward g with beta / lambda*,
-    reaches the same policy (SACPO's Theorem 1), here to 1e-10 in log-probability."""
-    reference = toy.reference_logprobs()
+def lambda_star(reference: dict, bound: float = BOUND, beta: float = BETA) -> float:
+    """The lambda at which pi_ref exp((r + lambda g) / beta) / Z has E[g] = bound, by bisection (E[g] rises with
+    lambda: its derivative is Var(g) / beta)."""
     lo, hi = 0.0, 100.0
     for _ in range(60):  # 100 / 2^60: below float64's resolution of lambda
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean(optimum(reference, mid), "g") < BOUND else (lo, mid)
-    lam = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(optimum(reference, mid, beta), "g") < bound else (lo, mid)
+    return (lo + hi) / 2
+
+
+@pytest.mark.slow  # enumerates the toy reference (shared with the other end-to-end tests)
+def test_the_exact_constrained_optimum():
+    """lambda* by bisection, E_pi*[g] = b to 1e-9; the
+    constraint binds (pi_r* breaks it); and the stepwise route, pi_r* then realigned toward g with beta / lambda*,
+    reaches the same policy (SACPO's Theorem 1), here to 1e-10 in log-probability."""
+    reference = toy.reference_logprobs()
+    lam = lambda_star(reference)
     best, reward_only = optimum(reference, lam), optimum(reference, 0.0)
     assert mean(best, "g") == pytest.approx(BOUND, abs=1e-9)
     assert mean(reward_only, "g") < BOUND and lam > 0

@@ -1,0 +1,1418 @@
+"""SACPO: Stepwise Alignment for Constrained Policy Optimization, in one file.
+
+Paper: Wachi et al. 2024 (NeurIPS), "Stepwise Alignment for Constrained Language Model Policy Optimization",
+https://arxiv.org/abs/2404.11049
+
+Problem (Eq. 9): maximise E[r] - beta KL(pi || pi_ref) subject to E[g] >= b, with r a reward (helpfulness) and g a
+safety score. Its solution is pi* = pi_ref exp((r + lambda* g) / beta) / Z, lambda* the constraint's multiplier, and
+as exp((r + lambda g) / beta) = exp(r / beta) exp(g / (beta / lambda)), two plain DPO stages reach it (Thm. 1, Eq. 12):
+
+    stage 1: pi_r* = argmin L_DPO(pi; pi_ref, beta)            on reward preferences
+    stage 2: pi*   = argmin L_DPO(pi; pi_r*, beta / lambda)    on safety preferences, with stage 1's result as pi_ref
+
+with L_DPO(pi; pi_0, b) = -E[log sigmoid(b h)], h dpo.py's log-ratio margin against pi_0. No reward or cost model is
+trained. The order is free: --order safety_first runs the safety stage first; the optimum is the same.
+
+Deviations and options
+- lambda is an input (--lambda_): the paper picks it by a grid over beta / lambda, not by dual updates. For a threshold
+  b, train at a few lambdas and keep the smallest whose policy meets E[g] >= b (docs/sacpo.md).
+- --merge q [q ...] (P-SACPO, Sec. 6) also saves (1 - q) theta_1 + q theta_2, the two stages' weights interpolated, in
+  output_dir/merged-q{q}. With reward_first and logits linear in the weights (a softmax table) this is exactly the
+  optimum at q lambda; for a network it is an approximation. A finished run merges again with --resume_from latest.
+- Data: each stage reads any format dpo.py reads. PKU-SafeRLHF rows (prompt, response_0, response_1,
+  better_response_id, safer_response_id) are read directly: the reward stage prefers response_{better_response_id},
+  the safety stage response_{safer_response_id}, with no filtering, as the authors' code does. A row becomes one chat
+  turn if the tokenizer has a chat template, else the authors' "BEGINNING OF CONVERSATION: USER: ..." text.
+- Both stages share the optimisation flags, each with a fresh optimizer. Stage 1 is saved in output_dir/reward (or
+  /safety), stage 2 in output_dir. With --lora_r, stage 2 adapts stage 1's merged model.
+
+Usage
+    python sacpo.py                                   # the toy world: r, then the toy safety score g at lambda 0.72
+    python sacpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --reward_dataset PKU-Alignment/PKU-SafeRLHF \\
+        --safety_dataset PKU-Alignment/PKU-SafeRLHF --beta 0.1 --lambda_ 2 --learning_rate 5e-7 \\
+        --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_length 1024 --precompute_ref_logps \\
+        --gradient_checkpointing --merge 0.25 0.5 0.75 --output_dir runs/sacpo-qwen
+
+Logged metrics (one dict per optimizer step of each stage; printed every --logging_steps, and to wandb with --track)
+    train/stage, train/loss     1 or 2, and the stage's mean DPO loss
+    train/rewards/chosen        the stage's beta * (log pi - log pi_0) of the chosen response, pi_0 its reference;
+                                rewards/rejected likewise; rewards/margin: chosen minus rejected; rewards/accuracy:
+                                the fraction of pairs with margin > 0
+    train/logps/chosen          log pi(y_w|x) under the policy, summed over its tokens; logps/rejected: for y_l
+    train/lr, grad_norm, epoch, perf/tokens_per_sec    as in dpo.py (the epoch is the stage's)
+    eval/...                    the same on the stage's held-out split, every --eval_steps and at the stage's end
+"""
+
+import atexit
+import contextlib
+import functools
+import gc
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+from typing import Literal, NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from datasets import DatasetDict, load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # ---- model and data
+    model_name_or_path: str = "toy_world/model"
+    """policy to train: a hub name or a local directory (a relative path is also looked up next to this file)"""
+    ref_model_name_or_path: Optional[str] = None
+    """stage 1's frozen reference pi_ref; None means the starting policy. Stage 2's reference is stage 1's result"""
+    reward_dataset: str = "toy_world/pairs"
+    """reward (helpfulness) preferences: a hub name, a local directory, or a .json/.jsonl/.parquet/.csv file"""
+    safety_dataset: str = "toy_world/safety_pairs"
+    """safety (harmlessness) preferences, in the same forms; it may be the same PKU-SafeRLHF dataset"""
+    dataset_config: Optional[str] = None
+    """the configuration name of both datasets, if they have several"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """held-out split; if a dataset has none, `eval_holdout` rows of its train split are held out"""
+    eval_holdout: int = 512
+    """rows held out from the train split when a dataset has no `eval_split`, at most a tenth (0: no evaluation)"""
+    max_length: int = 512
+    """longest prompt + response in tokens"""
+    max_prompt_length: int = 256
+    """tokens kept from the end of a prompt when a row is longer than max_length"""
+    # ---- the method
+    beta: float = 1.0
+    """beta of Eq. 9: the KL penalty toward pi_ref (the toy world's 1; the paper's 0.1)"""
+    lambda_: float = 0.72
+    """lambda: the safety score's weight; the safety stage runs DPO at beta / lambda (the toy world's lambda* for
+    E[g] >= 1.7 at beta 1 is 0.716; the paper's beta / lambda grid is 0.01-0.1 at beta 0.1)"""
+    order: Literal["reward_first", "safety_first"] = "reward_first"
+    """which stage runs first; both orders have the same optimum"""
+    merge: tuple[float, ...] = ()
+    """P-SACPO: for each q, also save (1 - q) theta_1 + q theta_2 in output_dir/merged-q{q}"""
+    precompute_ref_logps: bool = False
+    """compute each stage's reference log-probs in one pass before it trains, and free the reference model"""
+    # ---- optimisation (the same for both stages)
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
+    num_train_epochs: int = 1
+    """passes over each stage's training pairs"""
+    max_steps: int = -1
+    """if > 0, the number of optimizer steps of each stage, overriding num_train_epochs"""
+    per_device_train_batch_size: int = 32
+    """pairs per micro-batch on each process (a step sees this x processes x gradient_accumulation_steps)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    per_device_eval_batch_size: int = 64
+    """pairs per evaluation batch"""
+    warmup_ratio: float = 0.1
+    """fraction of steps with linear warmup; the rest decays linearly to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+    group_by_length: bool = True
+    """batch rows of similar length (within shuffled mega-batches) to cut padding"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    logp_chunk_tokens: int = 4096
+    """LM-head chunk, in response positions (recomputed in backward; 2.5 GB of logits at a 152k vocab); 0: no chunks"""
+    attn_implementation: str = "sdpa"
+    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
+    bf16: bool = True
+    """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
+    device: str = "auto"
+    """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
+    fsdp: bool = False
+    """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
+    lora_r: int = 0
+    """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input (the rest of every model has none)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get an adapter: 'all-linear' (every linear layer but the output head), or names joined by commas"""
+    merge_lora: bool = False
+    """save each stage's adapter merged into a float32 copy of its base, in its merged/ (on with --lora_r)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of frozen weights (a reference model, a LoRA base); trained weights stay float32"""
+    # ---- logging, evaluation, saving
+    logging_steps: int = 10
+    """print metrics every this many optimizer steps"""
+    eval_steps: int = 100
+    """evaluate on the held-out split every this many steps (0 = only at the end of each stage)"""
+    save_steps: int = 0
+    """save a resumable checkpoint every this many steps of each stage (0 = only each stage's final model)"""
+    output_dir: str = "runs/sacpo"
+    """where stage 2's model and checkpoints go; stage 1's go to output_dir/reward (or output_dir/safety)"""
+    resume_from: Optional[str] = None
+    """a checkpoint (a stage's checkpoint-N) to continue from; `latest`: the newest of either stage, or a new run"""
+    seed: int = 1
+    """seed for python, numpy and torch, the data order and the held-out split"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "single-file-alignment"
+    """wandb project"""
+    run_name: Optional[str] = None
+    """wandb run name"""
+
+    def __post_init__(self):  # a bad value stops the run before any work, naming the flag
+        if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
+            raise UsageError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
+                             f"({self.max_length}) to leave room for a response")
+        if not (self.beta > 0 and self.lambda_ > 0):
+            raise UsageError(f"beta ({self.beta}) and lambda_ ({self.lambda_}) must be positive: the safety stage "
+                             "runs at beta / lambda")
+        self.merge_lora = self.merge_lora or self.lora_r > 0
+
+
+# ---------------------------------------------------------------------------------------------------------- the method
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO loss per pair (Eq. 7 of arXiv:2305.18290), with cDPO label smoothing.
+
+    All inputs are response log-probs of shape (B,), each summed over its response's tokens.
+    Returns losses (B,), chosen_rewards (B,), rejected_rewards (B,); a reward is
+    beta * (log pi_theta - log pi_ref), detached.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    logits = beta * (chosen_logratios - rejected_logratios)  # beta * h, (B,)
+    # cDPO: the label is flipped with probability eps (Mitchell 2023, "A note on DPO with noisy preferences")
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+class Stage(NamedTuple):
+    preference: Literal["reward", "safety"]  # which preferences the stage learns
+    dataset: str
+    beta: float  # its DPO beta: beta for the reward stage, beta / lambda for the safety stage (Eq. 12)
+    output_dir: str
+
+
+def sacpo_stages(beta: float, lambda_: float, order: str, reward_dataset: str, safety_dataset: str,
+                 output_dir: str) -> list[Stage]:
+    """The two DPO stages in `order`. Stage 1 writes to output_dir/<its preference>, stage 2 (the result) to
+    output_dir."""
+    reward, safety = ("reward", reward_dataset, beta), ("safety", safety_dataset, beta / lambda_)
+    first, second = (reward, safety) if order == "reward_first" else (safety, reward)
+    return [Stage(*first, os.path.join(output_dir, first[0])), Stage(*second, output_dir)]
+
+
+def interpolate(first: dict, second: dict, q: float) -> dict:
+    """P-SACPO (Sec. 6): (1 - q) theta_1 + q theta_2 for each float tensor of two state dicts (others: the first's)."""
+    return {name: torch.lerp(w, second[name], q) if w.is_floating_point() else w for name, w in first.items()}
+
+
+# ------------------------------------------------------------------------------------------- the method's own data
+PKU_LABELS = {"reward": "better_response_id", "safety": "safer_response_id"}
+PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {} ASSISTANT:"  # the authors' text form (src/constant.py)
+
+
+def load_stage_pairs(args: Args, stage: Stage, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The stage's train and eval preference pairs, tokenized (no eval split: no eval pairs)."""
+    splits = load_splits(stage.dataset, args.dataset_config, args.train_split, args.eval_split, args.eval_holdout,
+                         args.seed)
+    pairs = {"train": [], "eval": []}
+    for data, desc in zip(splits, pairs):
+        if data is not None:
+            data = from_two_responses(data, stage.preference, stage.dataset, tokenizer.chat_template is not None)
+            check_columns(data, stage.dataset)
+            pairs[desc] = tokenize_pairs(data, tokenizer, args.max_length, args.max_prompt_length,
+                                         f"{stage.preference} {desc}")
+    return pairs["train"], pairs["eval"]
+
+
+def from_two_responses(data, preference: str, name: str, chat: bool):
+    """PKU-SafeRLHF's rows as preference pairs: chosen = response_{i}, rejected = the other, with i the row's
+    better_response_id (reward) or safer_response_id (safety). Data without a response_0 column passes through."""
+    if "response_0" not in data.column_names:
+        return data
+    label = PKU_LABELS[preference]
+    missing = [c for c in ("prompt", "response_1", label) if c not in data.column_names]
+    if missing:
+        raise UsageError(f"dataset {name!r} has response_0 but no column {missing[0]!r}: the {preference} stage reads "
+                         f"prompt, response_0, response_1 and {label} (columns: {sorted(data.column_names)})")
+    bad = sorted({str(v) for v in data[label] if v not in (0, 1)})
+    if bad:
+        raise UsageError(f"dataset {name!r}: column {label!r} should hold 0 or 1, found {bad[:5]}")
+
+    def pair(row: dict) -> dict:
+        chosen, rejected = row[f"response_{int(row[label])}"], row[f"response_{1 - int(row[label])}"]
+        if chat:
+            return {"prompt": [{"role": "user", "content": row["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]}
+        return {"prompt": PKU_TEMPLATE.format(row["prompt"]), "chosen": " " + chosen, "rejected": " " + rejected}
+
+    print(f"{name}: two responses per prompt (PKU-SafeRLHF): the {preference} stage prefers response_<{label}>, "
+          f"{'as one chat turn' if chat else 'in the authors text template'}")
+    return data.map(pair, remove_columns=data.column_names, desc=f"{preference} pairs")
+
+
+def saved_model(stage: Stage, args: Args) -> str:
+    """A finished stage's model as a plain model directory: its merged/ copy with --lora_r."""
+    return os.path.join(stage.output_dir, "merged") if args.lora_r else stage.output_dir
+
+
+def save_interpolation(first: str, second: str, q: float, path: str) -> None:
+    """P-SACPO: the models saved at `first` and `second` interpolated (float32, on the CPU), saved at `path`."""
+    model, other = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (first, second))
+    model.load_state_dict(interpolate(model.state_dict(), other.state_dict(), q))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(second).save_pretrained(path)
+    print(f"P-SACPO: (1 - {q}) x stage 1 + {q} x stage 2 saved in {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def train(args: Args) -> dict:
+    runtime = setup(replace(args, resume_from=None))  # torchrun's group (or none), the seeds, the device, bf16 autocast
+    stages = sacpo_stages(args.beta, args.lambda_, args.order, args.reward_dataset, args.safety_dataset,
+                          args.output_dir)
+    first, resume_from = resume_point(args.resume_from, stages)  # each stage keeps its checkpoints in its output_dir
+    tracker = init_tracking(args, runtime)
+    metrics, steps_done = {}, 0
+    for k in range(first, len(stages)):
+        stage = stages[k]
+        # ---- this stage's run: stage 1 starts from the policy given; stage 2 from stage 1's result, its reference
+        run = replace(args, output_dir=stage.output_dir, resume_from=resume_from if k == first else None)
+        if k == 1:
+            run = replace(run, model_name_or_path=saved_model(stages[0], args), ref_model_name_or_path=None)
+        print(f"stage {k + 1} of 2: DPO on {stage.preference} preferences ({stage.dataset}) at beta {stage.beta:.4g}, "
+              f"reference {run.ref_model_name_or_path or run.model_name_or_path}")
+        # ---- models: the policy, and the stage's frozen reference (unless a resumed run saved its log-probs)
+        policy_path = resolve_path(run.resume_from or run.model_name_or_path)
+        tokenizer, pad_id = load_tokenizer(policy_path)
+        policy = load_model(policy_path, run, runtime, trained=True)
+        state = load_training_state(run.resume_from, policy_path)  # None unless this stage resumes
+        ref_logps = state.get("ref_logps") if state and args.precompute_ref_logps else None
+        ref_model = None
+        if ref_logps is None:  # in the policy's dtype and autocast (or its own base), so that h = 0 exactly at step 0
+            ref_model = load_reference(run, runtime, policy)
+        runtime.seed_per_rank(args.seed)
+
+        # ---- data: the stage's preference pairs, tokenized once; then the reference's log-probs of them, if asked
+        train_rows, eval_rows = load_stage_pairs(args, stage, tokenizer)
+        check_log_probs(policy, train_rows[0]["chosen"], train_rows[0]["chosen_start"], runtime)  # a known LM head
+        batches = TrainBatches(train_rows, args, runtime)  # the order dpo.py would take on these pairs
+        if args.precompute_ref_logps and ref_logps is None:  # one pass of the reference over every pair, then free it
+            ref_logps = {split: precompute_ref_logps(ref_model, rows, args.per_device_eval_batch_size, pad_id, runtime)
+                         for split, rows in (("train", train_rows), ("eval", eval_rows))}
+            ref_model = None
+            release_memory(runtime.device)
+
+        def batch_losses(batch: dict, split: str, n: int) -> tuple[torch.Tensor, dict]:
+            """Losses of one batch, and the step metrics of its n real rows (of its stand-in if n = 0)."""
+            with runtime.autocast():
+                chosen, rejected = policy(pair_logps, batch)
+            ref_chosen, ref_rejected = ref_pair_logps(ref_model, ref_logps, batch, split, runtime)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
+                                                                stage.beta)
+            real = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
+            return losses, pair_metrics(split, *(x[real] for x in (losses, chosen, rejected, chosen_rewards,
+                                                                    rejected_rewards)))
+
+        @torch.no_grad()
+        def evaluate() -> dict:
+            policy.eval()
+            sums = MetricSums()
+            for rows, n in eval_batches(eval_rows, args.per_device_eval_batch_size, runtime):
+                losses, metrics = batch_losses(to_device(collate(rows, pad_id), runtime.device), "eval", n)
+                sums.add(metrics, n)
+            policy.train()
+            return sums.means(runtime.device)[0]
+
+        # ---- optimizer and learning-rate schedule, fresh for the stage, and where a resumed stage left off
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        scheduler = linear_schedule(optimizer, args.warmup_ratio, batches.total_steps)
+        start_step = restore_training_state(state, policy, optimizer, scheduler, runtime, run.resume_from)
+
+        # ---- the loop: one optimizer step per global batch of pairs
+        policy.train()
+        last_checkpoint, total_steps = run.resume_from, batches.total_steps
+        progress = tqdm(range(start_step, total_steps), desc=f"sacpo, stage {k + 1} ({stage.preference})",
+                        initial=start_step, total=total_steps)
+        for step in progress:
+            sums = MetricSums()  # also starts the step's clock
+            for micro in batches.of_step(step):
+                batch = to_device(collate(micro.rows, pad_id), runtime.device)
+                with sync_gradients(policy, micro.last):
+                    losses, batch_metrics = batch_losses(batch, "train", micro.n)
+                    check_finite(losses, "loss", f"step {step} of stage {k + 1}", last_checkpoint)
+                    micro.global_mean(losses).backward()
+                sums.add(batch_metrics, micro.n, micro.real_tokens(batch["attention_mask"]))
+            grad_norm = clip_gradients(policy, args.max_grad_norm)
+            check_finite(grad_norm, "gradient norm", f"step {step} of stage {k + 1}", last_checkpoint)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics, tokens_per_sec = sums.means(runtime.device)
+            metrics.update({"train/stage": k + 1, "train/lr": scheduler.get_last_lr()[0],
+                            "train/grad_norm": grad_norm.item(), "train/epoch": micro.epoch,
+                            "perf/tokens_per_sec": tokens_per_sec})
+            done, steps_done = step + 1, steps_done + 1
+            if eval_rows and ((args.eval_steps and done % args.eval_steps == 0) or done == total_steps):
+                metrics.update(evaluate())
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
+            log_metrics(metrics, done, total_steps, args.logging_steps, tracker, f"stage {k + 1}, step",
+                        tracker_step=steps_done)  # wandb counts steps across the stages
+            if args.save_steps and done % args.save_steps == 0 and done < total_steps:
+                last_checkpoint = save_checkpoint(run, done, policy, tokenizer, optimizer, scheduler, runtime,
+                                                  ref_logps=ref_logps)
+        save(stage.output_dir, policy, tokenizer, run)
+        if runtime.rank == 0:  # written last: the stage is finished (resume_point reads it)
+            with open(os.path.join(stage.output_dir, "sacpo_stage.json"), "w") as f:
+                json.dump({"stage": k + 1, **stage._asdict(), "reference": run.ref_model_name_or_path
+                           or run.model_name_or_path}, f, indent=2)
+        policy = ref_model = optimizer = None  # free this stage's models before the next loads its own
+        release_memory(runtime.device)
+
+    # ---- P-SACPO: the two stages' weights interpolated, for other trade-offs without training again
+    if runtime.rank == 0:
+        for q in args.merge:
+            save_interpolation(saved_model(stages[0], args), saved_model(stages[1], args), q,
+                               os.path.join(args.output_dir, f"merged-q{q}"))
+    if tracker is not None:
+        tracker.finish()
+    return metrics
+
+
+# ======================================================================================================================
+# Shared machinery: byte-identical in every script that has it (tests/test_copies_identical.py).
+# A reader learning the method can stop here.
+#
+# The conventions every script follows:
+# - Data. --dataset_name is a hub name, a local directory or a .json/.jsonl/.parquet/.csv file. Preference pairs come
+#   in three formats: standard (`prompt`, `chosen`, `rejected` strings), conversational (the same columns as lists of
+#   {"role", "content"} messages, rendered with the tokenizer's chat template) and implicit prompt (`chosen` and
+#   `rejected` only, as in hh-rlhf: the prompt is their longest shared prefix, backed up to a word boundary, or to a
+#   whole message). A missing or mistyped column stops the run with an error that names it. Rows that cannot be used
+#   (an empty prompt, chosen equal to rejected, identical once tokenized or truncated) are skipped, counted by reason
+#   and reported, never dropped silently.
+# - Tokens. Every response ends with <eos> (unless the tokenizer or chat template already ended it), so the policy
+#   learns when to stop; an empty response is scored as its <eos> alone. Where a tokenizer merges the end of the
+#   prompt with the start of the response, the merged token counts as response, as in TRL: the sequence is exactly
+#   the tokenizer's prompt + response. log pi(y|x) is summed over response tokens; the LM head and a float32
+#   log-softmax run only at the positions that predict them, so no (batch, length, vocabulary) tensor is built, and
+#   over --logp_chunk_tokens of them at a time, each chunk recomputed in the backward pass: one chunk's logits exist
+#   at once.
+# - Truncation. A row longer than --max_length keeps the end of its prompt (--max_prompt_length tokens), then the
+#   start of its responses.
+# - Numerics. Weights stay float32; on CUDA the forward passes autocast to bf16 (--bf16). Dropout is off in every
+#   model, and a reference model runs in the policy's dtype and autocast, so the policy's log-ratio to it is exactly
+#   0 at step 0.
+# - Several processes. `torchrun --nproc_per_node N X.py` runs DDP, or FSDP2 with --fsdp (sharded per decoder layer);
+#   a plain `python X.py` is one process with no distributed set-up. Batch sizes are per process. The data order
+#   depends only on the seed and the global batch; each global micro-batch is cut into N equal parts (stand-in rows,
+#   weighted 0, fill a short one); losses are scaled so that the gradient is the mean over every row of the optimizer
+#   step, whatever the sizes of its micro-batches (an epoch's last one is short unless the batch divides the data; it
+#   is trained on, and a step may run across an epoch's end). So N processes run the one-process run with the same
+#   global batch. Rank 0 prints, logs and writes.
+# - Saving. output_dir receives the final model (save_pretrained: weights, tokenizer, args.json), which loads with
+#   from_pretrained. --save_steps N also writes output_dir/checkpoint-N with the optimizer, scheduler and every rank's
+#   RNG state, from which --resume_from continues the same trajectory. A non-finite loss or gradient norm stops the
+#   run and names the last good checkpoint.
+# ======================================================================================================================
+@dataclass
+class Runtime:
+    """This process: its rank among `world` processes (0 of 1 under a plain `python`), its device, and bf16 autocast."""
+
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+
+    def autocast(self):
+        """bf16 autocast on CUDA with --bf16 (weights and log-softmax stay float32); otherwise nothing."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def seed_per_rank(self, seed: int) -> None:
+        """Once the models have loaded alike on every rank, each rank draws its own random stream."""
+        if self.world > 1:
+            seed_everything(seed + 100_003 * self.rank)
+
+
+def setup(args) -> Runtime:
+    """torchrun's process group (none under a plain `python`), every RNG seeded alike, and the device."""
+    rank, world = init_distributed()
+    if args.fsdp and not dist.is_initialized():
+        raise UsageError("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N")
+    if args.fsdp and args.lora_r:
+        raise UsageError("--lora_r runs on one process or under DDP; FSDP2 sharding of LoRA models is not supported")
+    seed_everything(args.seed)  # the same on every rank while the models load (a new head is drawn from it)
+    if args.resume_from == "latest":  # for preemptible jobs: the same command starts, and then resumes, the run
+        args.resume_from = latest_checkpoint(args.output_dir)
+    device = pick_device(args.device)
+    return Runtime(rank, world, device, args.bf16 and device.type == "cuda")
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest checkpoint in output_dir (checkpoint-N, or SPIN's iteration-k), None if it has none. A directory of
+    that name is complete: `save` moves it into place only once written."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    numbered = [(int(name.split("-")[1]), name) for name in names if re.fullmatch(r"(checkpoint|iteration)-\d+", name)]
+    path = os.path.join(output_dir, max(numbered)[1]) if numbered else None
+    print(f"--resume_from latest: {path or f'no checkpoint in {output_dir!r} yet, a new run'}")
+    return path
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python X.py` is rank 0 of 1.
+
+    Ranks other than 0 print nothing and draw no progress bars; their errors still reach stderr.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for the process, however many runs it trains
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_path(name: str) -> str:
+    """A local path as given, else next to this file (so the toy-world defaults work from any cwd), else a hub name."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    return name if os.path.exists(name) or not os.path.exists(here) else here
+
+
+def load_tokenizer(path: str):
+    """(tokenizer, pad_id): the pad token, or the eos token where there is none (padding is masked)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"tokenizer of {path!r} has no eos token; responses need one")
+    return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=AutoModelForCausalLM, **kwargs):
+    """A model on this process's device, wrapped for several processes (`wrap`).
+
+    Trained weights are float32, frozen ones --dtype. With --lora_r, a trained model is a float32 LoRA adapter on a
+    frozen base in --dtype; a directory that holds an adapter (a checkpoint, a LoRA run's output) gives its base and
+    that adapter, to train on (with --lora_r) or merged in. Dropout is off in every model (the adapter's aside), as in
+    TRL and the papers' code: with it, two passes over the same tokens differ, so the policy would not start equal to
+    its reference. A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a
+    frozen one is put in eval mode without gradients.
+    """
+    lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
+    base = adapter["base_model_name_or_path"] if adapter else path
+    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
+        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
+    dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
+    model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
+                                        **kwargs)
+    model.logp_chunk_tokens = getattr(args, "logp_chunk_tokens", 0)  # sequence_logps's chunks (in_chunks)
+    disable_dropout(model)
+    if lora or adapter:
+        model = with_adapter(model, path if adapter else None, args, trainable=lora)
+    model = model.to(runtime.device)
+    if trained:
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.config.use_cache = False
+    else:
+        model.eval().requires_grad_(False)
+    return wrap(model, runtime.world, args.fsdp, runtime.bf16, trained=trained)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def saved_adapter(path: str) -> Optional[dict]:
+    """The LoRA adapter's config (adapter_config.json) a local directory holds, else None."""
+    config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f)
+
+
+def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
+    """`model` with a LoRA adapter (peft, imported only here): a new one from the --lora_* flags, or the one saved at
+    adapter_path, kept apart to train (trainable) or merged in, in float32, and cast to --dtype."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path is None:
+        task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else [
+            name.strip() for name in args.lora_target_modules.split(",")]
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=targets, task_type=task)
+        return get_peft_model(model, config)  # B = 0: the adapter adds exactly nothing at first
+    model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    return model if trainable else model.merge_and_unload().to(DTYPES[args.dtype])
+
+
+def disable_dropout(model) -> None:
+    """Sets every dropout probability of the model to 0: its nn.Dropout modules and its attention modules' own."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules' functional dropout
+            module.attention_dropout = 0.0
+
+
+def enable_gradient_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def wrap(model, world: int, fsdp: bool, bf16: bool, trained: bool):
+    """model inside Forward: sharded per decoder layer with FSDP2 (--fsdp), else in DDP if trained on several ranks."""
+    wrapped = Forward(model)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mixed = MixedPrecisionPolicy()
+        if bf16:  # bf16 compute on CUDA; the shards, the optimizer and the gradient reduction stay float32
+            mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+            fully_shard(layer, mp_policy=mixed)
+        # the rest (embeddings, final norm, heads; tied weights stay together). reshard_after_forward=True: by default
+        # the root keeps its weights gathered after a forward, for the backward; after a no-grad forward (evaluation,
+        # generation, a frozen model) no backward comes, and the optimizer and the state dict would then see the
+        # gathered copies instead of the shards
+        fully_shard(wrapped, mp_policy=mixed, reshard_after_forward=True)
+    elif world > 1 and trained:
+        device = next(model.parameters()).device
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+class Forward(torch.nn.Module):
+    """Runs fn(model, ...) as this module's forward.
+
+    DDP syncs gradients, and FSDP2 gathers sharded weights, only around a
+    module's forward (they hook __call__), while the log-prob code calls the
+    model's body and LM head separately and generation calls it token by
+    token. So every call on a model goes through this module; on one process
+    it changes nothing.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(hf_model(self.model), *args, **kwargs)
+
+
+def hf_model(model):
+    """The Hugging Face model itself: inside a peft model, the one its adapter layers were put into."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def load_reference(args, runtime: Runtime, policy):
+    """The frozen reference pi_ref: with --lora_r (and no --ref_model_name_or_path), the policy with its adapter
+    switched off, so no second model is held; else a model of its own, in --dtype."""
+    if args.lora_r and not args.ref_model_name_or_path:
+        return AdapterOff(policy)
+    return load_model(resolve_path(args.ref_model_name_or_path or args.model_name_or_path), args, runtime,
+                      trained=False)
+
+
+class AdapterOff:
+    """A LoRA policy called as its base model: the adapter is switched off for the call, and gives no gradient."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, fn, *args, **kwargs):
+        with torch.no_grad(), unwrap(self.policy).disable_adapter():
+            return self.policy(fn, *args, **kwargs)
+
+
+def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]:
+    """The optimizer, scheduler, RNG and step a checkpoint holds beside its model; None when not resuming."""
+    if not resume_from:
+        return None
+    state_file = os.path.join(path, "training_state.pt")
+    if not os.path.isfile(state_file):
+        raise UsageError(f"--resume_from needs a checkpoint directory written with --save_steps "
+                                f"(output_dir/checkpoint-N); {path!r} has no training_state.pt")
+    return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
+
+
+def load_pairs(args, tokenizer, tokenize=None, **kwargs) -> tuple[list[dict], list[dict]]:
+    """The train and eval splits' preference pairs, tokenized by `tokenize` (tokenize_pairs unless given; **kwargs go
+    to it). No eval split gives no eval pairs."""
+    tokenize = tokenize or tokenize_pairs
+    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
+                                        args.eval_holdout, args.seed)
+    check_columns(train_data, args.dataset_name)
+    train_rows = tokenize(train_data, tokenizer, args.max_length, args.max_prompt_length, "train", **kwargs)
+    if eval_data is None:
+        return train_rows, []
+    check_columns(eval_data, args.dataset_name)
+    return train_rows, tokenize(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval", **kwargs)
+
+
+def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
+    """(train, eval) datasets from a hub name, a local directory or a data file."""
+    path = resolve_path(name)
+    if os.path.isfile(path):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
+        if kind is None:
+            raise UsageError(f"don't know how to read {path!r}: use .json, .jsonl, .parquet or .csv")
+        data = DatasetDict({"train": load_dataset(kind, data_files=path, split="train")})
+    else:
+        data = load_dataset(path, config)
+    if train_split not in data:
+        raise UsageError(f"split {train_split!r} not in {name!r}; it has {list(data)}")
+    if eval_split in data:
+        return data[train_split], data[eval_split]
+    rows = len(data[train_split])
+    size = min(holdout, rows // 10)  # a small dataset gives at most a tenth of its rows
+    if size == 0:
+        why = "eval_holdout=0" if holdout == 0 else f"{rows} rows are too few to hold any out"
+        print(f"no {eval_split!r} split in {name!r} and {why}: no evaluation")
+        return data[train_split], None
+    capped = f" (eval_holdout={holdout} capped at a tenth)" if size < holdout else ""
+    print(f"no {eval_split!r} split in {name!r}: holding out {size} of its {rows} {train_split!r} rows for "
+          f"evaluation{capped}")
+    parts = data[train_split].train_test_split(test_size=size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+FORMATS = (
+    "accepted preference formats:\n"
+    "  standard:        prompt, chosen, rejected as strings\n"
+    "  conversational:  prompt, chosen, rejected as lists of {'role', 'content'} messages\n"
+    "  implicit prompt: chosen, rejected only (strings or message lists), sharing the prompt as a prefix"
+)
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str) -> list[dict]:
+    """Tokenize every pair; skipped rows are counted by reason and reported, never dropped silently.
+
+    A kept pair holds its chosen and rejected ids (prompt + response) with where each response starts, its `index`
+    among the kept pairs and its `row` in the dataset.
+    """
+    rows, skipped, truncated, empty = [], Counter(), 0, 0
+    for i, row in enumerate(tqdm(dataset, desc=f"tokenizing {desc}", leave=False)):
+        texts = row_texts(row, i, tokenizer)
+        if texts is None:
+            skipped["empty prompt or response"] += 1
+            continue
+        prompt, chosen, rejected, templated = texts
+        if chosen == rejected:
+            skipped["chosen equals rejected"] += 1
+            continue
+        (chosen_prompt, chosen_ids), (rejected_prompt, rejected_ids) = (
+            tokenize_response(tokenizer, prompt, answer, templated) for answer in (chosen, rejected))
+        if not (chosen_prompt and rejected_prompt):  # the whole prompt merged into the response: no condition left
+            skipped["empty prompt or response"] += 1
+            continue
+        if max(len(chosen_prompt) + len(chosen_ids), len(rejected_prompt) + len(rejected_ids)) > max_length:
+            truncated += 1
+            # keep the end of the prompt (the question next to the answer), then the start of each response
+            chosen_prompt, rejected_prompt = chosen_prompt[-max_prompt_length:], rejected_prompt[-max_prompt_length:]
+            chosen_ids = chosen_ids[: max_length - len(chosen_prompt)]
+            rejected_ids = rejected_ids[: max_length - len(rejected_prompt)]
+        if chosen_prompt + chosen_ids == rejected_prompt + rejected_ids:  # different texts, same tokens: no preference
+            skipped["identical once tokenized or truncated"] += 1
+            continue
+        empty += (chosen_ids == [tokenizer.eos_token_id]) + (rejected_ids == [tokenizer.eos_token_id])
+        rows.append({"chosen": chosen_prompt + chosen_ids, "chosen_start": len(chosen_prompt),
+                     "rejected": rejected_prompt + rejected_ids, "rejected_start": len(rejected_prompt),
+                     "index": len(rows), "row": i})
+    report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+    print(f"{desc}: {len(rows)} pairs kept of {len(dataset)} ({empty} empty responses scored as <eos> alone); "
+          f"{truncated} truncated to {max_length} tokens; skipped: {report}")
+    if not rows:
+        raise UsageError(f"no usable pairs in the {desc} split")
+    return rows
+
+
+def check_columns(dataset, name: str) -> None:
+    """Stop early, naming the problem, if the columns fit none of the accepted formats."""
+    columns = set(dataset.column_names)
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if missing:
+        raise UsageError(f"dataset {name!r} has no column {missing[0]!r} (columns: {sorted(columns)}).\n{FORMATS}")
+
+
+def row_texts(row: dict, index: int, tokenizer) -> Optional[tuple[str, str, str, bool]]:
+    """(prompt, chosen, rejected, templated) as text, whichever format the row is in; None if a part is empty."""
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    chat = is_conversation(chosen)
+    for column, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if value is None and column == "prompt":
+            continue
+        if not (is_conversation(value) if chat else isinstance(value, str)):
+            kind = "a list of {'role', 'content'} messages" if chat else "a string"
+            raise UsageError(f"row {index}: column {column!r} should be {kind} like 'chosen', got "
+                             f"{type(value).__name__}: {str(value)[:80]!r}\n{FORMATS}")
+    if prompt is None:  # implicit prompt: the shared prefix of chosen and rejected
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+    if not prompt or (chat and not (chosen and rejected)):  # an empty text answer is kept: it is scored as its <eos>
+        return None
+    if not chat:
+        return prompt, chosen, rejected, False
+    prompt_text, (chosen_text, rejected_text) = chat_texts(tokenizer, prompt, [chosen, rejected], index)
+    return prompt_text, chosen_text, rejected_text, True
+
+
+def chat_texts(tokenizer, prompt: list, responses: list, index: int) -> tuple[str, list[str]]:
+    """The prompt's messages rendered by the chat template up to the assistant's turn, and each response's messages as
+    the text the template adds after that: prompt_text + response_text is the whole rendered conversation."""
+    if tokenizer.chat_template is None:
+        raise UsageError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for response in responses:
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise UsageError(f"row {index}: the chat template renders the conversation without the prompt as its "
+                             "prefix; cannot separate the response")
+        # what follows the turn's end token is template layout (Qwen's "<|im_end|>\n"): drop it, so the <eos> is last
+        texts.append(full[len(prompt_text) :].rstrip())
+    return prompt_text, texts
+
+
+def is_conversation(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def split_implicit_prompt(chosen, rejected):
+    """The longest shared prefix is the prompt: whole messages for conversations, whole words for text (a response
+    then begins with the whitespace before its first word, as " like" does in "A: I like" vs "A: I hate")."""
+    n = 0
+    if isinstance(chosen, list):  # keep at least the last message as the response
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back over a word both may only begin with: "yes" vs "yesterday"
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # then over the whitespace before it, newlines included
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) with prompt_ids + response_ids == tokenize(prompt + response) (+ eos, unless the
+    response already ends its turn).
+
+    A merge across the boundary changes the prompt's last tokens; the tokens
+    from the first difference on are the response (TRL does the same).
+    """
+    add_special = not templated  # a chat template already writes its own bos
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    full_ids = tokenizer(prompt + response, add_special_tokens=add_special)["input_ids"]
+    n = 0
+    while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+        n += 1
+    response_ids = full_ids[n:]
+    if not response_ids or not ends_turn(tokenizer, response_ids[-1], templated):  # an empty answer is <eos> alone
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return full_ids[:n], response_ids
+
+
+def ends_turn(tokenizer, token_id: int, templated: bool) -> bool:
+    """Whether a response's last token already ends it: <eos>, or, in a chat template's rendering, any special token
+    (the template closed the turn with its own: Gemma's <end_of_turn>, Llama 3's <|eot_id|>)."""
+    if token_id == tokenizer.eos_token_id:
+        return True
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return templated and (token_id in tokenizer.all_special_ids or (added is not None and added.special))
+
+
+class TrainBatches:
+    """This rank's micro-batches of each optimizer step, wherever the epoch boundaries fall.
+
+    The order of an epoch is a pure function of (seed, epoch) and the global batch (the per-process batch times the
+    processes), the same on every rank: a resumed run replays it, and N processes train on the batches of the
+    one-process run with the same global batch. epoch_offset gives a run of several trainings (SPIN's iterations)
+    an order of its own for each.
+    """
+
+    def __init__(self, rows: list[dict], args, runtime: Runtime, epoch_offset: int = 0):
+        self.rows, self.runtime = rows, runtime
+        self.seed, self.group_by_length, self.epoch_offset = args.seed, args.group_by_length, epoch_offset
+        self.accumulation = args.gradient_accumulation_steps
+        self.batch_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
+        self.batches_per_epoch = math.ceil(len(rows) / self.batch_size)  # the last one short unless it divides
+        if self.batches_per_epoch < self.accumulation:
+            raise UsageError(f"{len(rows)} training rows make {self.batches_per_epoch} micro-batches of "
+                             f"{self.batch_size}, fewer than gradient_accumulation_steps={self.accumulation}")
+        # every micro-batch of every epoch is trained on: a step takes the next `accumulation` of them, across an
+        # epoch boundary if need be, and the run's last step takes what is left
+        self.total_batches = (args.max_steps * self.accumulation if args.max_steps > 0
+                              else self.batches_per_epoch * args.num_train_epochs)
+        self.total_steps = math.ceil(self.total_batches / self.accumulation)
+        self.orders: dict[int, list[list[int]]] = {}
+
+    def of_step(self, step: int):
+        """The MicroBatch of each micro-batch of optimizer step `step` (gradient_accumulation_steps of them, fewer in
+        the run's last step); each knows the step's number of rows, so that the step's gradient is their mean."""
+        numbers = range(step * self.accumulation, min((step + 1) * self.accumulation, self.total_batches))
+        micro_batches = []
+        for number in numbers:
+            epoch, i = divmod(number, self.batches_per_epoch)
+            if epoch not in self.orders:
+                self.orders[epoch] = batch_order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
+                                                 self.group_by_length)
+            micro_batches.append(([self.rows[j] for j in self.orders[epoch][i]], epoch + i / self.batches_per_epoch))
+        step_rows = sum(len(rows) for rows, _ in micro_batches)  # real rows of the step over all ranks
+        for m, (rows, epoch) in enumerate(micro_batches):
+            share, n = rank_share(rows, self.runtime.rank, self.runtime.world)
+            yield MicroBatch(share, n, m == len(micro_batches) - 1, epoch, step_rows, self.runtime.world)
+
+
+def batch_order(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """One epoch of batches (row indices), a pure function of (seed, epoch) so a resumed run replays it exactly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    if group_by_length:  # sort within mega-batches of 64 batches, then shuffle the batches
+        mega = 64 * batch_size
+        length = lambda i: row_length(rows[i])  # noqa: E731
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=length, reverse=True)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def row_length(row: dict) -> int:
+    """The length that --group_by_length sorts by: a pair's longer sequence, the total tokens of a group, or the longer
+    of an unpaired row's completion and its mismatched one (kto.py)."""
+    if "seqs" in row:
+        return sum(len(s) for s in row["seqs"])
+    if "completion" in row:
+        return max(len(row["completion"]), len(row["kl"]))
+    return max(len(row["chosen"]), len(row["rejected"]))
+
+
+def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's contiguous part of a global batch, and how many of its items are real.
+
+    Every rank gets the same number of items, because DDP and FSDP2 need
+    every rank in every forward and backward: a short part is filled with
+    stand-ins (the batch's first item), which the caller weights 0.
+    """
+    size = -(-len(items) // world)
+    share = items[rank * size : (rank + 1) * size]
+    return share + items[:1] * (size - len(share)), len(share)
+
+
+@dataclass
+class MicroBatch:
+    """This rank's part of one global micro-batch: `n` real rows, then stand-ins weighted 0."""
+
+    rows: list
+    n: int
+    last: bool  # the optimizer step's last micro-batch, after which the ranks' gradients are reduced
+    epoch: float  # fractional epoch
+    step_rows: int  # real rows in the whole optimizer step: every micro-batch's, over all ranks
+    world: int
+
+    def global_mean(self, losses: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the step's mean loss over every row of the step, whatever the sizes of its
+        micro-batches: DDP averages the ranks' gradients, so each rank's sum is scaled by the number of processes."""
+        return losses[: self.n].sum() * self.world / self.step_rows
+
+    def real_tokens(self, attention_mask: torch.Tensor) -> int:
+        """Non-padding tokens of the real rows, in a batch that stacks k sequences per row as k blocks of rows."""
+        return int(attention_mask.unflatten(0, (-1, len(self.rows)))[:, : self.n].sum())
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: int, runtime: Runtime,
+                         parts: tuple[str, str] = ("chosen", "rejected")) -> torch.Tensor:
+    """Reference log-probs of each row's two sequences `parts`, (len(rows), 2), in one pass split over the ranks."""
+    out = torch.zeros(len(rows), 2, device=runtime.device)
+    order = sorted(range(len(rows)), key=lambda i: sum(len(rows[i][part]) for part in parts))  # little padding
+    step = batch_size * runtime.world
+    for s in tqdm(range(0, len(order), step), desc="reference log-probs", leave=False):
+        share, n = rank_share([rows[i] for i in order[s : s + step]], runtime.rank, runtime.world)
+        batch = to_device(collate(share, pad_id, parts), runtime.device)
+        with runtime.autocast():
+            first, second = ref_model(pair_logps, batch)
+        out[batch["index"][:n]] = torch.stack([first, second], dim=1)[:n].float()
+    if runtime.world > 1:
+        dist.all_reduce(out)  # each row was computed on one rank, and is 0 on the others
+    return out.cpu()
+
+
+def collate(rows: list[dict], pad_id: int, parts: Optional[tuple[str, ...]] = None) -> dict:
+    """Each row's sequences `parts`, part after part, in one right-padded batch of len(parts) * B rows; by default
+    chosen then rejected (then target, where rows have one).
+
+    `targets` holds the next token at each position and -100 where it is not
+    a response token, so log-probs are gathered at response positions only.
+    """
+    parts = parts or (("chosen", "rejected", "target") if "target" in rows[0] else ("chosen", "rejected"))
+    sequences = [r[part] for part in parts for r in rows]
+    starts = [r[f"{part}_start"] for part in parts for r in rows]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    targets = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for b, (sequence, start) in enumerate(zip(sequences, starts)):
+        input_ids[b, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[b, : len(sequence)] = 1
+        targets[b, start - 1 : len(sequence) - 1] = torch.tensor(sequence[start:])  # position t predicts token t+1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
+            "index": torch.tensor([r["index"] for r in rows])}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def release_memory(device: torch.device) -> None:
+    """Return freed tensors' memory (a dropped reference model's) to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_logps, rejected_logps), each (B,), from one forward over the 2B concatenated rows."""
+    sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    return sums.chunk(2)
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the response tokens of each row, and their counts.
+
+    The transformer body runs on the whole batch (N, T); the LM head and a
+    float32 log-softmax run only at the positions that predict a response
+    token, so no (N, T, V) logits tensor is ever built, and over at most
+    model.logp_chunk_tokens of them at a time (in_chunks).
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+    mask = targets != -100  # (N, T)
+    token_logps = in_chunks(target_logps, model, hidden[mask], targets[mask])  # (M,), M = response tokens in the batch
+    row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]  # (M,) row of each token
+    sums = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, row, token_logps)  # (N,)
+    return sums, mask.sum(-1)
+
+
+def in_chunks(fn, model, *rows: torch.Tensor) -> torch.Tensor:
+    """fn(model, *rows), computed model.logp_chunk_tokens rows at a time (all at once if 0 or unset), concatenated.
+
+    For the LM head: a chunk's (rows, V) logits are freed once its outputs are computed, and made again in the
+    backward pass (non-reentrant activation checkpointing), so only one chunk's logits exist at once in either pass,
+    at the cost of one more LM-head forward. The values are those of one call on all the rows, up to float rounding.
+    Rows that fit in one chunk are computed directly, with no recomputation.
+    """
+    chunk_tokens = getattr(model, "logp_chunk_tokens", 0)  # set by load_model from --logp_chunk_tokens
+    if not chunk_tokens or len(rows[0]) <= chunk_tokens:
+        return fn(model, *rows)
+    from torch.utils.checkpoint import checkpoint
+
+    chunks = zip(*(r.split(chunk_tokens) for r in rows))
+    return torch.cat([checkpoint(fn, model, *chunk, use_reentrant=False) for chunk in chunks])
+
+
+def target_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(target | hidden state) of each position, (M,), from hidden states (M, H) and target tokens (M,)."""
+    logits = lm_logits(model, hidden)  # (M, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token logits from final hidden states, (..., H) -> (..., V), as the model's own forward makes them.
+
+    Every log-prob in these scripts goes through here, so each model family's treatment of its logits is applied once;
+    check_log_probs stops a run whose model family does something else.
+    """
+    logits = model.get_output_embeddings()(hidden).float()
+    config = model.config.get_text_config()
+    if getattr(config, "logits_scaling", None) and "hyperclovax" in config.model_type:  # HyperCLOVA X multiplies them
+        logits = logits * config.logits_scaling
+    elif getattr(config, "logits_scaling", None):  # Granite divides them
+        logits = logits / config.logits_scaling
+    if getattr(config, "lm_head_multiplier", None):  # Falcon-H1 multiplies them
+        logits = logits * config.lm_head_multiplier
+    if getattr(config, "logit_scale", None):  # Cohere multiplies them
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 soft-cap them
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) -> None:
+    """Stop before training if this file's log-probs (the model's body, then lm_logits) of one sequence's first 64
+    response tokens differ from log_softmax of the model's own logits by more than 0.05 nats a token on average.
+
+    bf16 stays far inside that; a model family whose logits lm_logits does not treat is off by nats. Every rank calls.
+    """
+    input_ids = torch.tensor([sequence[: start + 64]], device=runtime.device)
+    with runtime.autocast():
+        gap = model(log_prob_gap, input_ids, start)
+    if gap > 0.05:
+        config = unwrap(model).config
+        raise UsageError(f"{type(unwrap(model)).__name__} (model_type {config.model_type!r}): this file's log-probs "
+                         f"differ from the model's own logits by {gap:.3f} nats a token. Its LM head's output is "
+                         "scaled in a way lm_logits does not know; add the model family there.")
+
+
+def log_prob_gap(model, input_ids: torch.Tensor, start: int) -> float:
+    """Mean |difference| over input_ids[0, start:] of lm_logits' log-probs and those of the model's own forward."""
+    targets = input_ids[0, start:, None]  # (R, 1): the response tokens
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state[0, start - 1 : -1]  # (R, H)
+    ours = torch.log_softmax(lm_logits(model, hidden), -1).gather(-1, targets)
+    logits = model(input_ids=input_ids, logits_to_keep=len(targets) + 1).logits[0, :-1].float()  # (R, V)
+    theirs = torch.log_softmax(logits, -1).gather(-1, targets)
+    return (ours - theirs).abs().mean().item()
+
+
+def ref_pair_logps(ref_model, precomputed: Optional[dict], batch: dict, split: str,
+                   runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref_chosen_logps, ref_rejected_logps), each (B,): looked up where precomputed, else one no-grad pass."""
+    if precomputed is not None:
+        logps = precomputed[split][batch["index"].cpu()].to(runtime.device)
+        return logps[:, 0], logps[:, 1]
+    with torch.no_grad(), runtime.autocast():
+        chosen, rejected = ref_model(pair_logps, batch)
+    return chosen.float(), rejected.float()
+
+
+def pair_metrics(prefix: str, losses, policy_chosen, policy_rejected, chosen_rewards, rejected_rewards) -> dict:
+    """The DPO family's metrics of one batch: rewards are beta * (log pi - log pi_ref)."""
+    margin = chosen_rewards - rejected_rewards
+    return {
+        f"{prefix}/loss": losses.mean().item(),
+        f"{prefix}/rewards/chosen": chosen_rewards.mean().item(),
+        f"{prefix}/rewards/rejected": rejected_rewards.mean().item(),
+        f"{prefix}/rewards/margin": margin.mean().item(),
+        f"{prefix}/rewards/accuracy": (margin > 0).float().mean().item(),
+        f"{prefix}/logps/chosen": policy_chosen.detach().mean().item(),
+        f"{prefix}/logps/rejected": policy_rejected.detach().mean().item(),
+    }
+
+
+class MetricSums:
+    """Per-row means of batch metrics over micro-batches and ranks (each batch's means weighted by its real rows),
+    and the non-padding tokens per second since it was made."""
+
+    def __init__(self):
+        self.sums, self.start = Counter(), time.perf_counter()
+
+    def add(self, metrics: dict, n: int, tokens: int = 0) -> None:
+        self.sums.update({k: v * n for k, v in metrics.items()})
+        self.sums.update({"count": n, "tokens": tokens})
+
+    def means(self, device) -> tuple[dict, float]:
+        """(the metrics' means, tokens per second), over every rank."""
+        sums = all_sum(self.sums, device)
+        means = {k: v / sums["count"] for k, v in sums.items() if k not in ("count", "tokens")}
+        return means, sums["tokens"] / seconds_since(self.start, device)
+
+
+def all_sum(values: dict, device) -> dict:
+    """Each value summed over the ranks, in one all-reduce (unchanged on one process)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = list(values)  # the same order on every rank: the same code filled it
+    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dict(zip(keys, total.tolist()))
+
+
+def eval_batches(rows: list, per_device_batch_size: int, runtime: Runtime):
+    """(this rank's part, its number of real rows) of each evaluation batch, in order."""
+    size = per_device_batch_size * runtime.world
+    for s in range(0, len(rows), size):
+        yield rank_share(rows[s : s + size], runtime.rank, runtime.world)
+
+
+def linear_schedule(optimizer, warmup_ratio: float, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over warmup_ratio of the steps, then linear decay to 0."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def lr_factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def restore_training_state(state: Optional[dict], model, optimizer, scheduler, runtime: Runtime,
+                           resume_from: Optional[str]) -> int:
+    """Load a checkpoint's optimizer, scheduler and RNG states; returns the step to start from (0 for a new run)."""
+    if state is None:
+        return 0
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if len(state["rng"]) == runtime.world:
+        set_rng_state(state["rng"][runtime.rank])
+    else:
+        print(f"the checkpoint has RNG states for {len(state['rng'])} processes, not {runtime.world}: "
+              "they are not restored")
+    print(f"resumed from {resume_from} at step {state['step']}")
+    return state["step"]
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """The inverse of optimizer_state: each rank takes its own shards from the whole state."""
+    if not any(hasattr(m, "reshard") for m in model.modules()):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def init_tracking(args, runtime: Runtime):
+    """A wandb run on rank 0 with --track, else None (wandb is imported here, so importing this file stays silent)."""
+    if not (args.track and runtime.rank == 0):
+        return None
+    import wandb
+
+    return wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
+
+
+def sync_gradients(model, sync: bool):
+    """Context for one micro-batch: gradients are reduced across ranks only on the last of an optimizer step.
+
+    `model` is one wrapped model, or a ModuleList of them (PPO trains two).
+    """
+    context = contextlib.ExitStack()
+    for part in model if isinstance(model, torch.nn.ModuleList) else [model]:
+        if isinstance(part, DDP) and not sync:
+            context.enter_context(part.no_sync())
+        elif hasattr(part, "set_requires_gradient_sync"):  # FSDP2
+            part.set_requires_gradient_sync(sync)
+    return context
+
+
+def check_finite(value: torch.Tensor, what: str, where: str, last_checkpoint: Optional[str]) -> None:
+    """Stop the run at a NaN or infinite loss or gradient norm, naming the last checkpoint to resume from."""
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(f"{what} is {value.mean().item()} at {where}; stopping. "
+                                 f"Last good checkpoint: {last_checkpoint or 'none saved'}")
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_, returning the norm before clipping as a plain tensor (FSDP2 returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def seconds_since(start: float, device: torch.device) -> float:
+    """Wall time since `start` (time.perf_counter), once the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def log_metrics(metrics: dict, step: int, total_steps: int, logging_steps: int, tracker, label: str = "step",
+                tracker_step: Optional[int] = None) -> None:
+    """Print every logging_steps steps and at the last; every step goes to wandb with --track (at tracker_step if
+    given, else at step)."""
+    if step % logging_steps == 0 or step == total_steps:
+        tqdm.write(f"{label} {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if tracker is not None:
+        tracker.log(metrics, step=step if tracker_step is None else tracker_step)
+
+
+def save_checkpoint(args, step: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, trained=None,
+                    also=None, **extra) -> str:
+    """output_dir/checkpoint-{step}: the model, then what --resume_from reads: the optimizer, the scheduler, every
+    rank's RNG state and `extra`. `trained` holds every module the optimizer trains (default: the model); `also`
+    goes to `save`. Returns the checkpoint's path; every rank calls it."""
+    path = os.path.join(args.output_dir, f"checkpoint-{step}")
+    state = {"step": step, "optimizer": optimizer_state(model if trained is None else trained, optimizer),
+             "scheduler": scheduler.state_dict(), "rng": rank_rng_states(runtime.world)}
+    save(path, model, tokenizer, args, state | extra, also)
+    return path
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state for a checkpoint; under FSDP2 gathered whole, keyed by parameter name (all ranks call)."""
+    if not any(hasattr(m, "reshard") for m in model.modules()):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def rank_rng_states(world: int) -> list:
+    """Every rank's RNG states, gathered so that rank 0 can save them (every rank must call this)."""
+    states = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
+def rng_state() -> dict:
+    """This process's RNG states, as tensors and plain Python (numpy's key array as a list), so that a checkpoint
+    loads with torch.load(weights_only=True)."""
+    kind, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), *rest], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=None) -> None:
+    """An HF model directory (safetensors + tokenizer + args.json); with `state`, also what resuming needs; `also`,
+    called on every rank with the directory being written, adds more to it.
+
+    Everything goes to path + ".tmp" first and is moved into place once complete (`publish`), so a process killed
+    mid-save leaves no directory that looks whole and is not. Every rank calls it (FSDP2 gathers the shards); rank 0
+    writes.
+    """
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    staging = os.path.normpath(path) + ".tmp"
+    if writer and os.path.isdir(staging):  # left by a run killed while saving
+        shutil.rmtree(staging)
+    save_model(staging, model)
+    if also is not None:
+        also(staging)
+    if writer and args.merge_lora and args.lora_r and state is None:  # a final model, not a checkpoint
+        save_merged(staging, os.path.join(staging, "merged"), model, tokenizer)
+    if writer:
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if state is not None:
+            torch.save(state, os.path.join(staging, "training_state.pt"))
+        publish(staging, path)
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads a checkpoint before it is written
+
+
+def publish(staging: str, path: str) -> None:
+    """Move a completely written directory to `path`: renamed whole (atomic) where path is new, as a checkpoint is;
+    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic."""
+    if not os.path.isdir(path):
+        os.rename(staging, path)
+        return
+    for name in os.listdir(staging):
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
+
+
+def save_model(path: str, model) -> None:
+    """The inner model as a Hugging Face directory; FSDP2 shards are gathered first. Every rank calls, rank 0 writes."""
+    weights = full_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        unwrap(model).save_pretrained(path, state_dict=weights)
+        if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
+                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
+            hf_model(unwrap(model)).config.save_pretrained(path)
+
+
+def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:
+    """The adapter saved at adapter_path merged into a float32 copy of its base (on the CPU), as a plain Hugging Face
+    model directory: merging into a bf16 base would round the update away."""
+    inner = hf_model(unwrap(model))
+    base = type(inner).from_pretrained(saved_adapter(adapter_path)["base_model_name_or_path"], config=inner.config,
+                                       dtype=torch.float32)
+    with_adapter(base, adapter_path, SimpleNamespace(dtype="float32"), trainable=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def full_state_dict(model) -> Optional[dict]:
+    """Under FSDP2, the inner model's whole state dict gathered on CPU (every rank must call this); else None."""
+    if not hasattr(model, "reshard"):  # not an FSDP2 module: the model holds its full weights
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = unwrap(model)
+    tied = dict(inner.named_parameters(remove_duplicate=False)).keys() - dict(inner.named_parameters()).keys()
+    # as save_pretrained writes them
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.removeprefix("model.") not in tied}
+
+
+def unwrap(model):
+    """The Hugging Face model inside Forward (and DDP)."""
+    return (model.module if isinstance(model, DDP) else model).model
+
+
+class UsageError(ValueError):
+    """A bad flag, column, value or path, found on purpose: the script prints the message alone and exits with status 2,
+    as for a bad command line. Any other error keeps its traceback."""
+
+
+def resume_point(resume_from: Optional[str], stages: list[Stage]) -> tuple[int, Optional[str]]:
+    """(the stage to run first, the checkpoint it resumes from). `latest`: after the newest finished stage, from the
+    next stage's newest checkpoint (or its start); a finished run has no stage left to run (2, None)."""
+    if resume_from is None:
+        return 0, None
+    if resume_from != "latest":
+        for k, stage in enumerate(stages):
+            if os.path.abspath(os.path.dirname(os.path.normpath(resume_from))) == os.path.abspath(stage.output_dir):
+                return k, resume_from
+        raise UsageError(f"--resume_from {resume_from!r} is not a checkpoint of either stage: they are written to "
+                         f"{stages[0].output_dir}/checkpoint-N and {stages[1].output_dir}/checkpoint-N")
+    for k in (1, 0):
+        if os.path.isfile(os.path.join(stages[k].output_dir, "sacpo_stage.json")):
+            print(f"--resume_from latest: stage {k + 1} ({stages[k].preference}) has finished")
+            return k + 1, latest_checkpoint(stages[1].output_dir) if k == 0 else None
+    return 0, latest_checkpoint(stages[0].output_dir)
+
+
+if __name__ == "__main__":
+    try:
+        train(tyro.cli(Args, use_underscores=True))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,172 @@
+"""sacpo.py's two-stage run: each stage is exactly a dpo.py run (stage 2 from stage 1's result, which is also its
+reference), both stages are saved and load, a run resumes from either stage's checkpoints, P-SACPO's merged weights,
+and PKU-SafeRLHF's two-response rows.
+
+The DPO loop itself and the helpers sacpo.py shares with dpo.py are byte-identical copies (test_copies_identical.py),
+tested in test_dpo_machinery.py and test_shared_machinery.py.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dpo
+import sacpo
+from helpers import SHORT_RUN, assert_same_weights, cached_runner, python, toy_chat_ids
+
+P = "how was the food ?"
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, toy_model_dir, data_dir, safety_dir):
+    return cached_runner(sacpo, tmp_path_factory, **SHORT_RUN, model_name_or_path=str(toy_model_dir),
+                         reward_dataset=str(data_dir), safety_dataset=str(safety_dir), merge=(0.5,))
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
+
+
+def test_each_stage_is_a_dpo_run(train_run, tmp_path, toy_model_dir, data_dir, safety_dir):
+    """Stage 1 is dpo.py on the reward pairs at beta; stage 2 is dpo.py from stage 1's model, as policy and reference,
+    on the safety pairs at beta / lambda: the same weights to the bit, and the same final metrics."""
+    run = train_run()
+    first = tmp_path / "dpo_reward"
+    dpo.train(dpo.Args(**SHORT_RUN, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir),
+                       beta=run.args.beta, output_dir=str(first)))
+    assert_same_weights(run.out / "reward", first)
+    second = tmp_path / "dpo_safety"
+    metrics = dpo.train(dpo.Args(**SHORT_RUN, model_name_or_path=str(run.out / "reward"),
+                                 dataset_name=str(safety_dir), beta=run.args.beta / run.args.lambda_,
+                                 output_dir=str(second)))
+    assert_same_weights(run.out, second)
+    assert without_timing(run.metrics) == without_timing(metrics) | {"train/stage": 2}
+
+
+def test_both_stages_are_saved_and_load(train_run):
+    run = train_run()
+    stage_1 = replace(run.args, output_dir=str(run.out / "reward"), merge=(0.5,))
+    stage_2 = replace(run.args, output_dir=str(run.out), model_name_or_path=str(run.out / "reward"))
+    for path, args in ((run.out / "reward", stage_1), (run.out / "reward" / "checkpoint-3", stage_1),
+                       (run.out, stage_2), (run.out / "checkpoint-3", stage_2)):
+        assert json.loads((path / "args.json").read_text()) == json.loads(json.dumps(asdict(args)))  # merge: a list
+        AutoModelForCausalLM.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+    marks = [json.loads((path / "sacpo_stage.json").read_text()) for path in (run.out / "reward", run.out)]
+    assert marks == [{"stage": 1, "preference": "reward", "dataset": run.args.reward_dataset, "beta": 1.0,
+                      "output_dir": str(run.out / "reward"), "reference": run.args.model_name_or_path},
+                     {"stage": 2, "preference": "safety", "dataset": run.args.safety_dataset,
+                      "beta": pytest.approx(1 / 0.72), "output_dir": str(run.out),
+                      "reference": str(run.out / "reward")}]
+
+
+def test_merged_weights_and_merging_again_without_training(train_run, monkeypatch, tmp_path):
+    """merged-q0.5 holds the mean of the stages' weights; --resume_from latest on the finished run trains nothing and
+    adds merged-q0.25, three quarters stage 1 and a quarter stage 2."""
+    run = train_run()
+    out = Path(shutil.copytree(run.out, tmp_path / "run"))
+    first, second = (load_file(p / "model.safetensors") for p in (out / "reward", out))
+    calls = []
+    monkeypatch.setattr(sacpo, "dpo_loss", lambda *a, **k: calls.append(1))
+    sacpo.train(replace(run.args, output_dir=str(out), resume_from="latest", merge=(0.25,)))
+    assert calls == []
+    for q in (0.5, 0.25):
+        merged = load_file(out / f"merged-q{q}" / "model.safetensors")
+        assert merged.keys() == first.keys()
+        for name, w in merged.items():
+            torch.testing.assert_close(w, (1 - q) * first[name] + q * second[name], rtol=0, atol=1e-6)
+        AutoModelForCausalLM.from_pretrained(out / f"merged-q{q}")
+
+
+@pytest.mark.parametrize("checkpoint, trained_steps", [("reward/checkpoint-3", 3 + 6), ("checkpoint-3", 3)])
+def test_resume_from_either_stage_replays_the_run(train_run, monkeypatch, tmp_path, checkpoint, trained_steps):
+    """A copy of the run's directory as if killed just after the checkpoint (the later stages' finals removed),
+    resumed from it: only the steps after it train, and the final weights are the uninterrupted run's."""
+    full = train_run()
+    out = Path(shutil.copytree(full.out, tmp_path / "run"))
+    killed = ["model.safetensors", "sacpo_stage.json"]
+    for name in killed + [f"reward/{name}" for name in killed] if checkpoint.startswith("reward") else killed:
+        os.remove(out / name)
+    calls, real = [], sacpo.dpo_loss
+    monkeypatch.setattr(sacpo, "dpo_loss", lambda *a, **k: calls.append(a[0].requires_grad) or real(*a, **k))
+    sacpo.train(replace(full.args, output_dir=str(out), resume_from=str(out / checkpoint)))
+    assert sum(calls) == trained_steps
+    assert_same_weights(full.out, out)
+    assert_same_weights(full.out / "reward", out / "reward")
+
+
+def test_latest_finds_the_stage_to_continue(tmp_path, capsys):
+    stages = sacpo.sacpo_stages(1.0, 1.0, "reward_first", "R", "S", str(tmp_path))
+    assert sacpo.resume_point(None, stages) == (0, None)
+    assert sacpo.resume_point("latest", stages) == (0, None)  # nothing yet: a new run
+    (tmp_path / "reward" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "checkpoint-6").mkdir()  # stage 2's, left by an earlier run: stage 1 has not finished
+    assert sacpo.resume_point("latest", stages) == (0, str(tmp_path / "reward" / "checkpoint-3"))
+    (tmp_path / "reward" / "sacpo_stage.json").write_text("{}")
+    assert sacpo.resume_point("latest", stages) == (1, str(tmp_path / "checkpoint-6"))
+    (tmp_path / "sacpo_stage.json").write_text("{}")
+    assert sacpo.resume_point("latest", stages) == (2, None)  # finished: only --merge runs
+    assert "stage 2 (safety) has finished" in capsys.readouterr().out
+    assert sacpo.resume_point(str(tmp_path / "checkpoint-6"), stages) == (1, str(tmp_path / "checkpoint-6"))
+    with pytest.raises(sacpo.UsageError, match="is not a checkpoint of either stage"):
+        sacpo.resume_point(str(tmp_path / "elsewhere" / "checkpoint-6"), stages)
+
+
+PKU_ROW = {"prompt": P, "response_0": "great food", "response_1": "good food", "better_response_id": 0,
+           "safer_response_id": 1, "is_response_0_safe": True, "is_response_1_safe": True}
+
+
+@pytest.mark.parametrize("preference, chosen, rejected", [("reward", "great food", "good food"),
+                                                          ("safety", "good food", "great food")])
+def test_pku_saferlhf_rows(tmp_path, toy_tokenizer, preference, chosen, rejected):
+    """The reward stage prefers response_{better_response_id}, the safety stage response_{safer_response_id}; with a
+    chat template a row is one chat turn, without one the authors' text template."""
+    path = tmp_path / "pku.jsonl"
+    path.write_text(json.dumps(PKU_ROW) + "\n")
+    stage = sacpo.Stage(preference, str(path), 1.0, str(tmp_path))
+    (row,), _ = sacpo.load_stage_pairs(sacpo.Args(eval_holdout=0), stage, toy_tokenizer)
+    prompt_ids, chosen_ids = toy_chat_ids(P, chosen)
+    assert row["chosen"] == prompt_ids + chosen_ids and row["rejected"] == prompt_ids + toy_chat_ids(P, rejected)[1]
+    text = sacpo.from_two_responses(Dataset.from_list([PKU_ROW]), preference, "pku", chat=False)[0]
+    assert text == {"prompt": f"BEGINNING OF CONVERSATION: USER: {P} ASSISTANT:", "chosen": " " + chosen,
+                    "rejected": " " + rejected}
+
+
+@pytest.mark.parametrize("row, match", [
+    (PKU_ROW | {"safer_response_id": 2}, r"column 'safer_response_id' should hold 0 or 1, found \['2'\]"),
+    (PKU_ROW | {"safer_response_id": None}, r"column 'safer_response_id' should hold 0 or 1, found \['None'\]"),
+    ({k: v for k, v in PKU_ROW.items() if k != "response_1"}, r"has response_0 but no column 'response_1'"),
+])
+def test_bad_pku_rows_are_named(row, match):
+    with pytest.raises(sacpo.UsageError, match=match):
+        sacpo.from_two_responses(Dataset.from_list([row]), "safety", "pku", chat=True)
+
+
+@pytest.mark.slow  # starts a process: `python sacpo.py --help`
+def test_help_lists_the_method_flags_and_import_is_silent():
+    result = python("sacpo.py", "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("usage: sacpo.py")
+    assert all(flag in result.stdout for flag in ("--beta", "--lambda_", "--order", "--merge", "--reward_dataset",
+                                                  "--safety_dataset"))
+
+
+@pytest.mark.slow  # starts a process: `python sacpo.py --max_steps 20`
+def test_default_command_runs(tmp_path):
+    """The default command on the whole toy world, capped at 20 steps a stage: every pair of both datasets is kept,
+    and both stages' models load."""
+    result = python("sacpo.py", "--max_steps", "20", "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("reward", "safety"):
+        assert f"{stage} train: 16384 pairs kept of 16384" in result.stdout
+    assert "stage 1, step 20:" in result.stdout and "stage 2, step 20:" in result.stdout
+    for path in (tmp_path / "out" / "reward", tmp_path / "out"):
+        AutoModelForCausalLM.from_pretrained(path)
