@@ -1404,7 +1404,14 @@ def resume_point(resume_from: Optional[str], stages: list[Stage]) -> tuple[int, 
         raise UsageError(f"--resume_from {resume_from!r} is not a checkpoint of either stage: they are written to "
                          f"{stages[0].output_dir}/checkpoint-N and {stages[1].output_dir}/checkpoint-N")
     for k in (1, 0):
-        if os.path.isfile(os.path.join(stages[k].output_dir, "sacpo_stage.json")):
+        marker = os.path.join(stages[k].output_dir, "sacpo_stage.json")
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                done = json.load(f)
+            if done["preference"] != stages[k].preference or not math.isclose(done["beta"], stages[k].beta):
+                raise UsageError(f"{stages[k].output_dir} holds stage {k + 1} on {done['preference']} preferences at "
+                                 f"beta {done['beta']:.4g}, not this run's {stages[k].preference} at beta "
+                                 f"{stages[k].beta:.4g}: use another output_dir")
             print(f"--resume_from latest: stage {k + 1} ({stages[k].preference}) has finished")
             return k + 1, latest_checkpoint(stages[1].output_dir) if k == 0 else None
     return 0, latest_checkpoint(stages[0].output_dir)

@@ -64,10 +64,11 @@ def command(script: str, sizes: dict, nproc: int, out: Path, *extra: str) -> lis
 
 
 def logged_steps(stdout: str) -> list[dict]:
-    """Every printed 'step N: k=v, ...' (or 'rollout N:', 'iteration t, step N:') line, as {k: v} without timings."""
+    """Every printed 'step N: k=v, ...' (or 'rollout N:', 'iteration t, step N:', 'stage k, step N:') line, as
+    {k: v} without timings."""
     steps = []
     for line in re.split(r"[\r\n]", stdout):
-        match = re.match(r"(?:iteration \d+, )?(?:step|rollout) \d+: (.*)", line)
+        match = re.match(r"(?:(?:iteration|stage) \d+, )?(?:step|rollout) \d+: (.*)", line)
         if match:
             pairs = (item.split("=") for item in match.group(1).split(", "))
             steps.append({k: float(v) for k, v in pairs if not k.startswith(("perf/", "time/"))})
@@ -84,10 +85,11 @@ def assert_same_trajectory(one: list[dict], many: list[dict], script: str) -> No
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir) -> dict:
+def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir, safety_dir) -> dict:
     """Per script: its global sizes and its other flags, on small data. The pairs file for dpo.py has 63 rows: 57 to
     train on (6 held out, a tenth), so the last micro-batch of an epoch (9 pairs) leaves one rank a stand-in row and
-    is shorter than the other micro-batch of its step. slic_hf.py runs with gradient checkpointing, and rrhf.py
+    is shorter than the other micro-batch of its step. sacpo.py runs both stages (the second against the first's
+    result, which rank 0 saved) and merges them. slic_hf.py runs with gradient checkpointing, and rrhf.py
     rescores its responses with a reward model split over the ranks. kto.py's z0 is a mean over both ranks' rows.
     dpo.py, slic_hf.py, ppo_rlhf.py and kto.py score log-probs in chunks of 7 positions (--logp_chunk_tokens), each
     recomputed in the backward pass, under DDP and FSDP2 alike. Not spin.py: its opponent's log-probs come from other
@@ -117,6 +119,8 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir) -> dic
                              learning_rate=1e-3, save_steps=1),
                         ["--reward_model_path", str(base / "rm"), "--num_eval_prompts", "7", *CHUNKED]),
         "kto.py": (offline, ["--dataset_name", str(unpaired_dir), *CHUNKED]),
+        "sacpo.py": ({**offline, "max_steps": 2}, ["--reward_dataset", str(data_dir), "--safety_dataset",
+                                                   str(safety_dir), "--merge", "0.5"]),
         "spin.py": (dict(num_iterations=2, per_device_train_batch_size=16, per_device_eval_batch_size=6,
                          per_device_generation_batch_size=10),
                     ["--dataset_name", str(sft_dir)]),
@@ -124,7 +128,7 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir) -> dic
 
 
 SCRIPTS = ["dpo.py", "ppo_rlhf.py", "spin.py", "ipo.py", "fdpo.py", "slic_hf.py", "rrhf.py", "reward_model.py",
-           "kto.py"]
+           "kto.py", "sacpo.py"]
 RESUMED = ["dpo.py", "ppo_rlhf.py"]  # their FSDP2 runs save a checkpoint, and a third run resumes from it
 
 
@@ -163,6 +167,9 @@ def test_two_processes_match_one(inputs, tmp_path):
             loader = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
             # rank 0 wrote a model that loads (under FSDP2, the shards gathered)
             loader.from_pretrained(out_dir / script)
+            if script == "sacpo.py":  # and stage 1's model and the merge
+                assert relative_gap(reference / "reward", out_dir / script / "reward", TOY / "model") < GAP, mode
+                loader.from_pretrained(out_dir / script / "merged-q0.5")
         if mode == "fsdp":
             for script, out in zip(RESUMED, outputs[len(SCRIPTS):]):
                 assert "resumed from" in out

@@ -110,11 +110,21 @@ def test_latest_finds_the_stage_to_continue(tmp_path, capsys):
     (tmp_path / "reward" / "checkpoint-3").mkdir(parents=True)
     (tmp_path / "checkpoint-6").mkdir()  # stage 2's, left by an earlier run: stage 1 has not finished
     assert sacpo.resume_point("latest", stages) == (0, str(tmp_path / "reward" / "checkpoint-3"))
-    (tmp_path / "reward" / "sacpo_stage.json").write_text("{}")
+    for stage in stages:
+        (Path(stage.output_dir) / "sacpo_stage.json").write_text(json.dumps(stage._asdict()))
+    os.remove(tmp_path / "sacpo_stage.json")
     assert sacpo.resume_point("latest", stages) == (1, str(tmp_path / "checkpoint-6"))
-    (tmp_path / "sacpo_stage.json").write_text("{}")
+    (tmp_path / "sacpo_stage.json").write_text(json.dumps(stages[1]._asdict()))
     assert sacpo.resume_point("latest", stages) == (2, None)  # finished: only --merge runs
     assert "stage 2 (safety) has finished" in capsys.readouterr().out
+    # a finished stage trained otherwise (here: safety first at lambda 2, so stage 1 at beta 0.5) is not reused
+    other = sacpo.sacpo_stages(1.0, 2.0, "safety_first", "R", "S", str(tmp_path / "other"))
+    (tmp_path / "other" / "safety").mkdir(parents=True)
+    (tmp_path / "other" / "safety" / "sacpo_stage.json").write_text(json.dumps(other[0]._asdict()))
+    changed = sacpo.sacpo_stages(1.0, 4.0, "safety_first", "R", "S", str(tmp_path / "other"))
+    with pytest.raises(sacpo.UsageError, match="holds stage 1 on safety preferences at beta 0.5, not this run's "
+                                               "safety at beta 0.25: use another output_dir"):
+        sacpo.resume_point("latest", changed)
     assert sacpo.resume_point(str(tmp_path / "checkpoint-6"), stages) == (1, str(tmp_path / "checkpoint-6"))
     with pytest.raises(sacpo.UsageError, match="is not a checkpoint of either stage"):
         sacpo.resume_point(str(tmp_path / "elsewhere" / "checkpoint-6"), stages)
