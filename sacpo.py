@@ -17,12 +17,13 @@ Deviations and options
 - lambda is an input (--lambda_): the paper picks it by a grid over beta / lambda, not by dual updates. For a threshold
   b, train at a few lambdas and keep the smallest whose policy meets E[g] >= b (docs/sacpo.md).
 - --merge q [q ...] (P-SACPO, Sec. 6) also saves (1 - q) theta_1 + q theta_2, the two stages' weights interpolated, in
-  output_dir/merged-q{q}. With reward_first and logits linear in the weights (a softmax table) this is exactly the
-  optimum at q lambda; for a network it is an approximation. A finished run merges again with --resume_from latest.
+  output_dir/merged-q{q}: with reward_first, logits linear in the weights and each stage at its optimum, the optimum
+  at q lambda; for a network, an approximation. --resume_from latest on a finished run only merges.
 - Data: each stage reads any format dpo.py reads. PKU-SafeRLHF rows (prompt, response_0, response_1,
   better_response_id, safer_response_id) are read directly: the reward stage prefers response_{better_response_id},
   the safety stage response_{safer_response_id}, with no filtering, as the authors' code does. A row becomes one chat
-  turn if the tokenizer has a chat template, else the authors' "BEGINNING OF CONVERSATION: USER: ..." text.
+  turn if the tokenizer has a chat template, else the authors' "BEGINNING OF CONVERSATION: USER: ..." text (and a
+  space before the response).
 - Both stages share the optimisation flags, each with a fresh optimizer. Stage 1 is saved in output_dir/reward (or
   /safety), stage 2 in output_dir. With --lora_r, stage 2 adapts stage 1's merged model.
 
@@ -105,10 +106,10 @@ class Args:
     merge: tuple[float, ...] = ()
     """P-SACPO: for each q, also save (1 - q) theta_1 + q theta_2 in output_dir/merged-q{q}"""
     precompute_ref_logps: bool = False
-    """compute each stage's reference log-probs in one pass before it trains, and free the reference model"""
+    """compute each stage's reference log-probs in one pass before it trains, then free the reference model"""
     # ---- optimisation (the same for both stages)
     learning_rate: float = 3e-4
-    """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
+    """peak AdamW learning rate (the toy world's; the paper's is 2e-5 for a 7B model)"""
     num_train_epochs: int = 1
     """passes over each stage's training pairs"""
     max_steps: int = -1
@@ -213,8 +214,7 @@ class Stage(NamedTuple):
 
 def sacpo_stages(beta: float, lambda_: float, order: str, reward_dataset: str, safety_dataset: str,
                  output_dir: str) -> list[Stage]:
-    """The two DPO stages in `order`. Stage 1 writes to output_dir/<its preference>, stage 2 (the result) to
-    output_dir."""
+    """The two DPO stages in `order`: stage 1 saved in output_dir/<its preference>, stage 2 in output_dir."""
     reward, safety = ("reward", reward_dataset, beta), ("safety", safety_dataset, beta / lambda_)
     first, second = (reward, safety) if order == "reward_first" else (safety, reward)
     return [Stage(*first, os.path.join(output_dir, first[0])), Stage(*second, output_dir)]
@@ -280,8 +280,9 @@ def save_interpolation(first: str, second: str, q: float, path: str) -> None:
     """P-SACPO: the models saved at `first` and `second` interpolated (float32, on the CPU), saved at `path`."""
     model, other = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (first, second))
     model.load_state_dict(interpolate(model.state_dict(), other.state_dict(), q))
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(second).save_pretrained(path)
+    model.save_pretrained(path + ".tmp")
+    AutoTokenizer.from_pretrained(second).save_pretrained(path + ".tmp")
+    publish(path + ".tmp", path)  # whole, or not at all
     print(f"P-SACPO: (1 - {q}) x stage 1 + {q} x stage 2 saved in {path}")
 
 
@@ -299,6 +300,8 @@ def train(args: Args) -> dict:
         run = replace(args, output_dir=stage.output_dir, resume_from=resume_from if k == first else None)
         if k == 1:
             run = replace(run, model_name_or_path=saved_model(stages[0], args), ref_model_name_or_path=None)
+        if run.resume_from is None:  # trained anew: this stage's and later stages' finished marks are stale
+            mark_stages(stages[k:], None, runtime)
         print(f"stage {k + 1} of 2: DPO on {stage.preference} preferences ({stage.dataset}) at beta {stage.beta:.4g}, "
               f"reference {run.ref_model_name_or_path or run.model_name_or_path}")
         # ---- models: the policy, and the stage's frozen reference (unless a resumed run saved its log-probs)
@@ -381,11 +384,8 @@ def train(args: Args) -> dict:
                 last_checkpoint = save_checkpoint(run, done, policy, tokenizer, optimizer, scheduler, runtime,
                                                   ref_logps=ref_logps)
         save(stage.output_dir, policy, tokenizer, run)
-        if runtime.rank == 0:  # written last: the stage is finished (resume_point reads it)
-            with open(os.path.join(stage.output_dir, "sacpo_stage.json"), "w") as f:
-                json.dump({"stage": k + 1, **stage._asdict(), "reference": run.ref_model_name_or_path
-                           or run.model_name_or_path}, f, indent=2)
-        policy = ref_model = optimizer = None  # free this stage's models before the next loads its own
+        mark_stages([stage], {"stage": k + 1, **stage._asdict(), "started_from": run.model_name_or_path}, runtime)
+        policy = ref_model = optimizer = scheduler = state = losses = batch = None  # all that holds the stage's models
         release_memory(runtime.device)
 
     # ---- P-SACPO: the two stages' weights interpolated, for other trade-offs without training again
@@ -1394,27 +1394,60 @@ class UsageError(ValueError):
 
 def resume_point(resume_from: Optional[str], stages: list[Stage]) -> tuple[int, Optional[str]]:
     """(the stage to run first, the checkpoint it resumes from). `latest`: after the newest finished stage, from the
-    next stage's newest checkpoint (or its start); a finished run has no stage left to run (2, None)."""
+    next stage's newest checkpoint (or its start); a finished run has no stage left to run (2, None). A finished stage
+    or a checkpoint trained otherwise than this run's stage (its preferences, dataset or beta) stops the run."""
     if resume_from is None:
         return 0, None
     if resume_from != "latest":
         for k, stage in enumerate(stages):
             if os.path.abspath(os.path.dirname(os.path.normpath(resume_from))) == os.path.abspath(stage.output_dir):
+                for j, path in ((k, resume_from), *((0, stages[0].output_dir),) * k):  # stage 2's reference too
+                    check_stage(path, j, stages[j])
                 return k, resume_from
         raise UsageError(f"--resume_from {resume_from!r} is not a checkpoint of either stage: they are written to "
                          f"{stages[0].output_dir}/checkpoint-N and {stages[1].output_dir}/checkpoint-N")
     for k in (1, 0):
-        marker = os.path.join(stages[k].output_dir, "sacpo_stage.json")
-        if os.path.isfile(marker):
-            with open(marker) as f:
-                done = json.load(f)
-            if done["preference"] != stages[k].preference or not math.isclose(done["beta"], stages[k].beta):
-                raise UsageError(f"{stages[k].output_dir} holds stage {k + 1} on {done['preference']} preferences at "
-                                 f"beta {done['beta']:.4g}, not this run's {stages[k].preference} at beta "
-                                 f"{stages[k].beta:.4g}: use another output_dir")
+        if os.path.isfile(os.path.join(stages[k].output_dir, "sacpo_stage.json")):
+            for j in range(k + 1):
+                check_stage(stages[j].output_dir, j, stages[j])
             print(f"--resume_from latest: stage {k + 1} ({stages[k].preference}) has finished")
-            return k + 1, latest_checkpoint(stages[1].output_dir) if k == 0 else None
-    return 0, latest_checkpoint(stages[0].output_dir)
+            checkpoint = latest_checkpoint(stages[1].output_dir) if k == 0 else None
+            if checkpoint:
+                check_stage(checkpoint, 1, stages[1])
+            return k + 1, checkpoint
+    checkpoint = latest_checkpoint(stages[0].output_dir)
+    if checkpoint:
+        check_stage(checkpoint, 0, stages[0])
+    return 0, checkpoint
+
+
+def check_stage(path: str, k: int, stage: Stage) -> None:
+    """Stop if `path`, stage k + 1's finished directory (its sacpo_stage.json) or a checkpoint (its args.json), was
+    trained otherwise than `stage`."""
+    marker = os.path.join(path, "sacpo_stage.json")
+    with open(marker if os.path.isfile(marker) else os.path.join(path, "args.json")) as f:
+        saved = json.load(f)
+    if "lambda_" in saved:  # a checkpoint's args: its plan's stage k
+        saved = sacpo_stages(saved["beta"], saved["lambda_"], saved["order"], saved["reward_dataset"],
+                             saved["safety_dataset"], "")[k]._asdict()
+    if (saved["preference"], saved["dataset"]) != stage[:2] or not math.isclose(saved["beta"], stage.beta):
+        raise UsageError(f"{path} holds stage {k + 1} on {saved['preference']} preferences ({saved['dataset']}) at "
+                         f"beta {saved['beta']:.4g}, not this run's {stage.preference} ({stage.dataset}) at beta "
+                         f"{stage.beta:.4g}: use another output_dir")
+
+
+def mark_stages(stages: list[Stage], finished: Optional[dict], runtime) -> None:
+    """Rank 0 writes sacpo_stage.json, which says a stage has finished, into the last of `stages` (the stage's record
+    `finished`); or, when stages start anew (finished=None), removes theirs, which are stale then."""
+    if runtime.rank != 0:
+        return
+    for stage in stages:
+        marker = os.path.join(stage.output_dir, "sacpo_stage.json")
+        if finished is None and os.path.isfile(marker):
+            os.remove(marker)
+    if finished is not None:
+        with open(os.path.join(stages[-1].output_dir, "sacpo_stage.json"), "w") as f:
+            json.dump(finished, f, indent=2)
 
 
 if __name__ == "__main__":

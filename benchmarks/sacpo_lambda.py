@@ -1,7 +1,7 @@
 """SACPO on the toy world, every policy measured exactly by enumeration: choosing lambda for a threshold b (the
 user's outer loop), the two orders, and P-SACPO's weight merge against training again.
 
-    python benchmarks/sacpo_lambda.py          # 8 stage trainings and 11 enumerations, two at a time: about 6 min
+    python benchmarks/sacpo_lambda.py      # 8 stage trainings, 11 enumerations, two at a time: about 5 min on 2 cores
 
 The problem: maximise E[r] - beta KL(pi || pi_ref) subject to E[g] >= b at beta = 1, with g the toy safety score (2
 minus the exaggerating words very/great/awful, floored at 0). For a lambda its SACPO target is

@@ -35,20 +35,36 @@ def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
 
 
-def test_each_stage_is_a_dpo_run(train_run, tmp_path, toy_model_dir, data_dir, safety_dir):
-    """Stage 1 is dpo.py on the reward pairs at beta; stage 2 is dpo.py from stage 1's model, as policy and reference,
-    on the safety pairs at beta / lambda: the same weights to the bit, and the same final metrics."""
-    run = train_run()
-    first = tmp_path / "dpo_reward"
-    dpo.train(dpo.Args(**SHORT_RUN, model_name_or_path=str(toy_model_dir), dataset_name=str(data_dir),
-                       beta=run.args.beta, output_dir=str(first)))
-    assert_same_weights(run.out / "reward", first)
-    second = tmp_path / "dpo_safety"
-    metrics = dpo.train(dpo.Args(**SHORT_RUN, model_name_or_path=str(run.out / "reward"),
-                                 dataset_name=str(safety_dir), beta=run.args.beta / run.args.lambda_,
-                                 output_dir=str(second)))
-    assert_same_weights(run.out, second)
+@pytest.mark.parametrize("order", ["reward_first", "safety_first"])
+def test_each_stage_is_a_dpo_run(train_run, tmp_path, toy_model_dir, data_dir, safety_dir, order):
+    """Stage 1 is dpo.py on its pairs at its beta (reward: beta; safety: beta / lambda); stage 2 is dpo.py from stage
+    1's model, as policy and reference, on the other pairs at the other beta: the same weights to the bit, and the
+    same final metrics."""
+    run = train_run(order=order)
+    betas = {"reward": run.args.beta, "safety": run.args.beta / run.args.lambda_}
+    datasets = {"reward": data_dir, "safety": safety_dir}
+    first, second = ("reward", "safety") if order == "reward_first" else ("safety", "reward")
+    dpo.train(dpo.Args(**SHORT_RUN, model_name_or_path=str(toy_model_dir), dataset_name=str(datasets[first]),
+                       beta=betas[first], output_dir=str(tmp_path / first)))
+    assert_same_weights(run.out / first, tmp_path / first)
+    metrics = dpo.train(dpo.Args(**SHORT_RUN, model_name_or_path=str(run.out / first),
+                                 dataset_name=str(datasets[second]), beta=betas[second],
+                                 output_dir=str(tmp_path / second)))
+    assert_same_weights(run.out, tmp_path / second)
     assert without_timing(run.metrics) == without_timing(metrics) | {"train/stage": 2}
+
+
+def test_lora_stage_2_adapts_stage_1s_merged_model(train_run):
+    """With --lora_r, stage 1 is saved merged (reward/merged), stage 2's adapter is on that model, whose adapter-off
+    base is its reference, and P-SACPO merges the two merged models."""
+    run = train_run(lora_r=8, learning_rate=3e-3, max_steps=2, save_steps=0)
+    adapter = json.loads((run.out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(run.out / "reward" / "merged")
+    first, second, merged = (load_file(p / "model.safetensors") for p in (run.out / "reward" / "merged",
+                                                                          run.out / "merged", run.out / "merged-q0.5"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # stage 2 trained
+    for name, w in merged.items():
+        torch.testing.assert_close(w, (first[name] + second[name]) / 2, rtol=0, atol=1e-6)
 
 
 def test_both_stages_are_saved_and_load(train_run):
@@ -62,10 +78,10 @@ def test_both_stages_are_saved_and_load(train_run):
         AutoTokenizer.from_pretrained(path)
     marks = [json.loads((path / "sacpo_stage.json").read_text()) for path in (run.out / "reward", run.out)]
     assert marks == [{"stage": 1, "preference": "reward", "dataset": run.args.reward_dataset, "beta": 1.0,
-                      "output_dir": str(run.out / "reward"), "reference": run.args.model_name_or_path},
+                      "output_dir": str(run.out / "reward"), "started_from": run.args.model_name_or_path},
                      {"stage": 2, "preference": "safety", "dataset": run.args.safety_dataset,
                       "beta": pytest.approx(1 / 0.72), "output_dir": str(run.out),
-                      "reference": str(run.out / "reward")}]
+                      "started_from": str(run.out / "reward")}]
 
 
 def test_merged_weights_and_merging_again_without_training(train_run, monkeypatch, tmp_path):
@@ -104,30 +120,54 @@ def test_resume_from_either_stage_replays_the_run(train_run, monkeypatch, tmp_pa
 
 
 def test_latest_finds_the_stage_to_continue(tmp_path, capsys):
-    stages = sacpo.sacpo_stages(1.0, 1.0, "reward_first", "R", "S", str(tmp_path))
+    args = sacpo.Args(lambda_=2.0, output_dir=str(tmp_path))
+    stages = sacpo.sacpo_stages(args.beta, args.lambda_, args.order, args.reward_dataset, args.safety_dataset,
+                                str(tmp_path))
+
+    def checkpoint(path, **changes):  # a checkpoint directory as save_checkpoint leaves it: its args.json
+        path.mkdir(parents=True)
+        (path / "args.json").write_text(json.dumps(asdict(replace(args, **changes))))
+        return str(path)
+
+    def finish(k):
+        (Path(stages[k].output_dir) / "sacpo_stage.json").write_text(json.dumps(stages[k]._asdict()))
+
     assert sacpo.resume_point(None, stages) == (0, None)
     assert sacpo.resume_point("latest", stages) == (0, None)  # nothing yet: a new run
-    (tmp_path / "reward" / "checkpoint-3").mkdir(parents=True)
-    (tmp_path / "checkpoint-6").mkdir()  # stage 2's, left by an earlier run: stage 1 has not finished
-    assert sacpo.resume_point("latest", stages) == (0, str(tmp_path / "reward" / "checkpoint-3"))
-    for stage in stages:
-        (Path(stage.output_dir) / "sacpo_stage.json").write_text(json.dumps(stage._asdict()))
-    os.remove(tmp_path / "sacpo_stage.json")
-    assert sacpo.resume_point("latest", stages) == (1, str(tmp_path / "checkpoint-6"))
-    (tmp_path / "sacpo_stage.json").write_text(json.dumps(stages[1]._asdict()))
+    first = checkpoint(tmp_path / "reward" / "checkpoint-3")
+    second = checkpoint(tmp_path / "checkpoint-6")  # stage 2's, but stage 1 has not finished
+    assert sacpo.resume_point("latest", stages) == (0, first)
+    finish(0)
+    assert sacpo.resume_point("latest", stages) == (1, second)
+    assert sacpo.resume_point(second, stages) == (1, second)
+    finish(1)
     assert sacpo.resume_point("latest", stages) == (2, None)  # finished: only --merge runs
     assert "stage 2 (safety) has finished" in capsys.readouterr().out
-    # a finished stage trained otherwise (here: safety first at lambda 2, so stage 1 at beta 0.5) is not reused
-    other = sacpo.sacpo_stages(1.0, 2.0, "safety_first", "R", "S", str(tmp_path / "other"))
-    (tmp_path / "other" / "safety").mkdir(parents=True)
-    (tmp_path / "other" / "safety" / "sacpo_stage.json").write_text(json.dumps(other[0]._asdict()))
-    changed = sacpo.sacpo_stages(1.0, 4.0, "safety_first", "R", "S", str(tmp_path / "other"))
-    with pytest.raises(sacpo.UsageError, match="holds stage 1 on safety preferences at beta 0.5, not this run's "
-                                               "safety at beta 0.25: use another output_dir"):
-        sacpo.resume_point("latest", changed)
-    assert sacpo.resume_point(str(tmp_path / "checkpoint-6"), stages) == (1, str(tmp_path / "checkpoint-6"))
     with pytest.raises(sacpo.UsageError, match="is not a checkpoint of either stage"):
         sacpo.resume_point(str(tmp_path / "elsewhere" / "checkpoint-6"), stages)
+
+
+def test_what_was_trained_otherwise_is_not_reused(tmp_path):
+    """A finished stage or a checkpoint of another plan (here lambda 1, so the safety stage at beta 1, not 0.5) stops
+    the run, naming what it holds, instead of being continued."""
+    args = sacpo.Args(lambda_=2.0, output_dir=str(tmp_path))
+    stages = sacpo.sacpo_stages(args.beta, 2.0, args.order, args.reward_dataset, args.safety_dataset, str(tmp_path))
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "sacpo_stage.json").write_text(json.dumps(stages[0]._asdict()))
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-6" / "args.json").write_text(json.dumps(asdict(replace(args, lambda_=1.0))))
+    message = r"checkpoint-6 holds stage 2 on safety preferences \(toy_world/safety_pairs\) at beta 1, not this run's"
+    for resume_from in ("latest", str(tmp_path / "checkpoint-6")):
+        with pytest.raises(sacpo.UsageError, match=message):
+            sacpo.resume_point(resume_from, stages)
+    other = sacpo.sacpo_stages(args.beta, 2.0, "safety_first", args.reward_dataset, args.safety_dataset, str(tmp_path))
+    (tmp_path / "safety").mkdir()
+    (tmp_path / "safety" / "sacpo_stage.json").write_text(json.dumps(other[0]._asdict()))
+    changed = sacpo.sacpo_stages(args.beta, 4.0, "safety_first", args.reward_dataset, args.safety_dataset,
+                                 str(tmp_path))
+    with pytest.raises(sacpo.UsageError, match="holds stage 1 on safety preferences .* at beta 0.5, not this run's "
+                                               "safety .* at beta 0.25: use another output_dir"):
+        sacpo.resume_point("latest", changed)
 
 
 PKU_ROW = {"prompt": P, "response_0": "great food", "response_1": "good food", "better_response_id": 0,
