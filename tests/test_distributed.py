@@ -87,16 +87,17 @@ def assert_same_trajectory(one: list[dict], many: list[dict], script: str) -> No
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir, safety_dir) -> dict:
     """Per script: its global sizes and its other flags, on small data. The pairs file for dpo.py has 63 rows: 57 to
-    train on (6 held out, a tenth), so the last micro-batch of an epoch (9 pairs) leaves one rank a stand-in row and
-    is shorter than the other micro-batch of its step. sacpo.py runs both stages (the second against the first's
-    result, which rank 0 saved) and merges them. slic_hf.py runs with gradient checkpointing, and rrhf.py
-    rescores its responses with a reward model split over the ranks. kto.py's z0 is a mean over both ranks' rows.
-    dpo.py, slic_hf.py, ppo_rlhf.py and kto.py score log-probs in chunks of 7 positions (--logp_chunk_tokens), each
+    train on (6 held out, a tenth), so the last micro-batch of an epoch (9 pairs) leaves one rank a stand-in row and is
+    shorter than the other micro-batch of its step. sacpo.py runs both stages (the second against the first's result,
+    which rank 0 saved) and merges them. online_dpo.py splits each round's prompts over the ranks, which share the pairs
+    they sampled, scored and labelled. slic_hf.py runs with gradient checkpointing, and rrhf.py rescores its responses
+    with a reward model split over the ranks. kto.py's z0 is a mean over both ranks' rows. dpo.py, slic_hf.py,
+    ppo_rlhf.py, kto.py and online_dpo.py score log-probs in chunks of 7 positions (--logp_chunk_tokens), each
     recomputed in the backward pass, under DDP and FSDP2 alike. Not spin.py: its opponent's log-probs come from other
-    batches than the policy's, so at step 1 (h = 0 up to rounding) a row falls in chunks of other sizes in the two,
-    and on this CPU the LM head's matmul rounds some row counts differently from others (1, 2, 3, 6 or 33 rows
-    against 200: ~1e-7): the sign of the margin, and so rewards/accuracy, is then rounding noise. (A held reference
-    scores the same batch as the policy, in the same chunks, so dpo.py's h is exactly 0 at step 1.)"""
+    batches than the policy's, so at step 1 (h = 0 up to rounding) a row falls in chunks of other sizes in the two, and
+    on this CPU the LM head's matmul rounds some row counts differently from others (1, 2, 3, 6 or 33 rows against 200:
+    ~1e-7): the sign of the margin, and so rewards/accuracy, is then rounding noise. (A held reference scores the same
+    batch as the policy, in the same chunks, so dpo.py's h is exactly 0 at step 1.)"""
     base = tmp_path_factory.mktemp("dist")
     head(TOY / "pairs" / "train.jsonl", base / "pairs63.jsonl", 63)
     torch.manual_seed(0)  # a reward model for PPO: the toy model with a random head (any scalar scorer will do here)
@@ -121,6 +122,9 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir, safety
         "kto.py": (offline, ["--dataset_name", str(unpaired_dir), *CHUNKED]),
         "sacpo.py": ({**offline, "max_steps": 2}, ["--reward_dataset", str(data_dir), "--safety_dataset",
                                                    str(safety_dir), "--merge", "0.5"]),
+        "online_dpo.py": (dict(num_rounds=3, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                               forward_batch_size=6, eval_steps=2, learning_rate=1e-3),
+                          ["--reward_model_path", str(base / "rm"), "--num_eval_prompts", "7", *CHUNKED]),
         "spin.py": (dict(num_iterations=2, per_device_train_batch_size=16, per_device_eval_batch_size=6,
                          per_device_generation_batch_size=10),
                     ["--dataset_name", str(sft_dir)]),
@@ -128,7 +132,7 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir, safety
 
 
 SCRIPTS = ["dpo.py", "ppo_rlhf.py", "spin.py", "ipo.py", "fdpo.py", "slic_hf.py", "rrhf.py", "reward_model.py",
-           "kto.py", "sacpo.py"]
+           "kto.py", "sacpo.py", "online_dpo.py"]
 RESUMED = ["dpo.py", "ppo_rlhf.py"]  # their FSDP2 runs save a checkpoint, and a third run resumes from it
 
 

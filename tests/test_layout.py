@@ -23,6 +23,7 @@ SCRIPTS = {
     "spin.py": ("spin_loss", 130, 350),
     "ppo_rlhf.py": ("ppo_policy_loss", 220, 550),
     "kto.py": ("kto_loss", 130, 350),
+    "online_dpo.py": ("dpo_loss", 130, 400),  # samples and scores its pairs, as ppo_rlhf.py does
     "sacpo.py": ("dpo_loss", 130, 400),  # two stages on two datasets, and P-SACPO's merge
 }
 BANNER = "# Shared machinery: byte-identical in every script that has it (tests/test_copies_identical.py)."

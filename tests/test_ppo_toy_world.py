@@ -11,10 +11,12 @@ puts outside Y reported beside it (BOTTOM's true reward is 0, and E[r] counts it
 """
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock  # a dependency of torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import ppo_rlhf as ppo
@@ -66,6 +68,22 @@ def reward_model_scores(rm, tokenizer, prompt: str) -> np.ndarray:
     return torch.cat([*scores, one, two, *three, *four]).double().numpy()
 
 
+def all_reward_model_scores(path: str) -> dict[str, np.ndarray]:
+    """reward_model_scores of every toy prompt for the reward model saved at `path`, checked against the scripts'
+    scoring. Computed once per test session (about 20 s): saved beside the model, which the session's workers share
+    (conftest's toy_reward_model), under a lock."""
+    cache = Path(path).parent / (Path(path).name + "_scores_over_answers.npz")
+    with FileLock(str(cache) + ".lock"):
+        if not cache.exists():
+            rm, tokenizer = (AutoModelForSequenceClassification.from_pretrained(path).eval(),
+                             AutoTokenizer.from_pretrained(path))
+            scores = {p: reward_model_scores(rm, tokenizer, p) for p in world.PROMPTS}
+            check_against_the_scripts_scoring(rm, tokenizer, scores)
+            np.savez(cache, **scores)
+        with np.load(cache) as saved:
+            return {p: saved[p] for p in world.PROMPTS}
+
+
 def check_against_the_scripts_scoring(rm, tokenizer, scores: dict) -> None:
     """A few answers scored the way ppo_rlhf.py scores a rollout (left-padded, cut after EOS) match the enumeration."""
     # every length
@@ -89,10 +107,7 @@ def test_ppo_moves_toward_the_optimum_on_the_toy_world(tmp_path, toy_reward_mode
     args = ppo.Args(num_rollouts=NUM_ROLLOUTS, reward_model_path=REWARD_MODEL, output_dir=str(tmp_path / "ppo"),
                     logging_steps=10_000, eval_steps=0, device="cpu")
     metrics = ppo.train(args)
-    rm, tokenizer = (AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL).eval(),
-                     AutoTokenizer.from_pretrained(REWARD_MODEL))
-    r_rm = {p: reward_model_scores(rm, tokenizer, p) for p in world.PROMPTS}
-    check_against_the_scripts_scoring(rm, tokenizer, r_rm)
+    r_rm = all_reward_model_scores(REWARD_MODEL)
     reference, policy = toy.reference_logprobs(), toy.exact_logprobs(tmp_path / "ppo")
     optimum = {p: optimum_on_answers(reference[p], r_rm[p], args.beta) for p in world.PROMPTS}
 
