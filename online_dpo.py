@@ -10,18 +10,18 @@ the pair; then DPO (Rafailov et al. 2023, Eq. 7) trains on the labelled pairs ag
 
 Labels (--label). `bradley_terry`: y1 is chosen with probability sigmoid(r_hat(y1) - r_hat(y2)). For any sampling
 distribution with full support, DPO's population minimiser under these labels is pi_ref exp(r_hat / beta) / Z, so
-that policy is the fixed point of sampling from the current policy. `argmax` (TRL's, and the papers'): y1 is chosen
-when r_hat(y1) >= r_hat(y2). The labels are then deterministic, no finite policy fits them, and the policy keeps
-moving its mass onto r_hat's best answers: toward the argmax, not pi_ref exp(r_hat / beta) / Z, at any beta.
+that policy is the fixed point of sampling from the current policy (at any temperature). `argmax` (TRL's): y1 is
+chosen when r_hat(y1) >= r_hat(y2). The labels are then deterministic, no finite policy fits them, and on a bandit the
+mass keeps moving onto r_hat's best answer, at any beta (tests/test_online_dpo_optimum.py).
 
 Deviations and options
-- A round generates the pairs for --prompts_per_round prompts, then trains --epochs_per_round passes over them. The
-  default, one step's prompts and one pass, is online DPO (one optimizer step per round, as TRL's OnlineDPOTrainer);
-  more is iterative DPO. --update_reference makes each round's reference the policy the round starts from (then the
-  fixed point is lost: each round moves by exp(r_hat / beta) again).
-- Answers are sampled at --temperature 1 with no top-p: pi_theta's own samples. One without an EOS within
-  --max_new_tokens is kept, minus --missing_eos_penalty in its score (TRL's). A pair of two equal answers has h = 0
-  and no gradient; it is counted (rollout/identical).
+- Online (the default): each round samples one optimizer step's prompts and takes that step, as TRL's
+  OnlineDPOTrainer does. --iterative: each round samples --prompts_per_round prompts, then trains --epochs_per_round
+  passes over their pairs; --update_reference then makes each round's reference the policy the round starts from, and
+  round t lands near pi_ref exp(t r_hat / beta) / Z: the fixed point is lost.
+- Sampling at --temperature 1 (TRL's default is 0.9) with no top-p. An answer without an EOS within --max_new_tokens
+  is kept, minus --missing_eos_penalty in its score, as in TRL; the fixed point then has r_hat minus that penalty. A
+  pair of two equal answers has h = 0 and no gradient; it is counted (rollout/identical).
 - The reward model shares the policy's tokenizer (a one-label *ForSequenceClassification, as reward_model.py makes)
   and is read at the EOS, as ppo_rlhf.py reads it.
 
@@ -38,7 +38,7 @@ Logged metrics (one dict per optimizer step; printed every --logging_steps, and 
     objective/score_margin      mean r_hat(y_w) - r_hat(y_l) over the round's pairs
     rollout/length, rollout/no_eos, rollout/identical   answer tokens, answers without an EOS, pairs of equal answers
     train/round, train/lr, train/grad_norm, perf/tokens_per_sec
-    eval/score                  mean r_hat of one answer per held-out prompt, with a printed sample table
+    eval/score                  mean r_hat of two answers per held-out prompt, with a few pairs printed
 """
 
 import atexit
@@ -92,7 +92,7 @@ class Args:
     max_new_tokens: int = 5
     """answer budget in tokens, EOS included (the toy world's answers are at most 4 words + EOS)"""
     temperature: float = 1.0
-    """sampling temperature (1: the policy's own samples, which the fixed point assumes)"""
+    """sampling temperature (any > 0 keeps the Bradley-Terry fixed point: it sets which pairs are seen)"""
     # ---- the method
     beta: float = 0.1
     """beta of DPO's Eq. 7: the strength of the KL penalty toward pi_ref (smaller moves further)"""
@@ -102,13 +102,15 @@ class Args:
     missing_eos_penalty: float = 0.0
     """subtracted from the score of an answer with no EOS within max_new_tokens (0 = off)"""
     num_rounds: int = 200
-    """rounds of generate-label-train in the run"""
-    prompts_per_round: int = 0
-    """prompts (so pairs) generated per round, over all processes; 0: one optimizer step's worth (online DPO)"""
-    epochs_per_round: int = 1
-    """passes over each round's pairs (iterative DPO: a large prompts_per_round and a few epochs)"""
+    """rounds of sample-score-label-train in the run"""
+    iterative: bool = False
+    """iterative DPO: rounds of --prompts_per_round pairs, --epochs_per_round passes each (off: one step a round)"""
+    prompts_per_round: int = 1024
+    """with --iterative: prompts (so pairs) sampled per round, over all processes"""
+    epochs_per_round: int = 2
+    """with --iterative: passes over each round's pairs"""
     update_reference: bool = False
-    """each round's reference is the policy the round starts from, not pi_ref"""
+    """with --iterative: each round's reference is the policy the round starts from, not pi_ref"""
     # ---- optimisation
     learning_rate: float = 3e-4
     """peak AdamW learning rate (the toy world's; about 5e-7 suits a real 0.5-7B model)"""
@@ -117,7 +119,7 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     forward_batch_size: int = 64
-    """answers per batch in generation, scoring and the reference's pass"""
+    """answers per batch in generation, scoring and (--update_reference) the reference's pass"""
     warmup_ratio: float = 0.1
     """fraction of steps with linear warmup; the rest decays linearly to 0"""
     weight_decay: float = 0.0
@@ -158,7 +160,7 @@ class Args:
     num_eval_prompts: int = 64
     """held-out prompts answered at each evaluation (the first ones of the split)"""
     num_printed_samples: int = 8
-    """rows of the printed sample table (wandb gets them all)"""
+    """held-out pairs printed at each evaluation"""
     save_steps: int = 0
     """save a resumable checkpoint every this many rounds (0 = only the final model)"""
     output_dir: str = "runs/online_dpo"
@@ -177,9 +179,14 @@ class Args:
     def __post_init__(self):  # a bad value stops the run before any work, naming the flag
         if self.temperature <= 0 or self.max_new_tokens < 1:
             raise UsageError("online DPO samples its answers: temperature must be > 0 and max_new_tokens >= 1")
-        if self.prompts_per_round < 0 or self.epochs_per_round < 1:
-            raise UsageError(f"prompts_per_round ({self.prompts_per_round}) must be >= 0 and epochs_per_round "
+        if self.iterative and (self.prompts_per_round < 1 or self.epochs_per_round < 1):
+            raise UsageError(f"--iterative needs prompts_per_round ({self.prompts_per_round}) and epochs_per_round "
                              f"({self.epochs_per_round}) >= 1")
+        if self.update_reference and not self.iterative:  # one step a round: the reference would be the policy itself
+            raise UsageError("--update_reference needs --iterative: with one step a round, the reference would be the "
+                             "policy being trained, h = 0 at every step and the update unregularised")
+        if self.update_reference and self.ref_model_name_or_path:
+            raise UsageError("--update_reference replaces the reference each round: --ref_model_name_or_path is unused")
 
 
 
@@ -314,9 +321,10 @@ def train(args: Args) -> dict:
     train_prompts, eval_prompts = load_prompts(args, tokenizer)
     check_log_probs(policy, train_prompts[0], max(1, len(train_prompts[0]) - 64), runtime)  # a known LM head
     micro = args.per_device_train_batch_size * runtime.world  # pairs in one micro-batch over all ranks
-    per_round = args.prompts_per_round or micro * args.gradient_accumulation_steps
-    steps_per_round = math.ceil(math.ceil(per_round / micro) * args.epochs_per_round / args.gradient_accumulation_steps)
-    round_args = SimpleNamespace(**asdict(args), max_steps=-1, num_train_epochs=args.epochs_per_round)  # TrainBatches'
+    per_round = args.prompts_per_round if args.iterative else micro * args.gradient_accumulation_steps
+    epochs = args.epochs_per_round if args.iterative else 1
+    steps_per_round = math.ceil(math.ceil(per_round / micro) * epochs / args.gradient_accumulation_steps)
+    round_args = SimpleNamespace(**asdict(args), max_steps=-1, num_train_epochs=epochs)  # a round, for TrainBatches
 
     @torch.no_grad()
     def evaluate(done: int) -> dict:
@@ -341,12 +349,13 @@ def train(args: Args) -> dict:
         policy.eval()
         prompts = round_prompts(train_prompts, per_round, round_, args.seed)
         rows, round_stats = online_pairs(policy, reward_model, prompts, args, eos_ids, pad_id,
-                                         args.seed * 1_000_003 + round_ + 1, runtime)
+                                         args.seed * 1_000_003 + 1_000_000_007 + round_, runtime)  # a stream apart
         policy.train()
         # 4. with --update_reference, the reference is the policy as the round starts: its log-probs of the pairs, now
         ref_logps = None
         if args.update_reference:
-            ref_logps = {"train": precompute_ref_logps(policy, rows, args.forward_batch_size, pad_id, runtime)}
+            ref_logps = {"train": precompute_ref_logps(policy, rows, max(1, args.forward_batch_size // 2), pad_id,
+                                                       runtime)}
         # 5. DPO on the round's pairs: epochs_per_round passes, in micro-batches split over the ranks
         batches = TrainBatches(rows, round_args, runtime, epoch_offset=1_000 * round_)
         for step in range(batches.total_steps):

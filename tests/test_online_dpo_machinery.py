@@ -43,16 +43,17 @@ def train_run(tmp_path_factory, toy_dirs):
                          dataset_name=str(toy_dirs.prompts), reward_model_path=str(toy_dirs.rm))
 
 
-def make_pairs(toy_dirs, label="argmax", forward_batch_size=64, seed=5):
-    """online_pairs on 7 train prompts with the toy policy and the random-head reward model, on one process."""
+def make_pairs(toy_dirs, label="argmax", seed=5, n_prompts=7, **flags):
+    """online_pairs on n_prompts train prompts (the 8 toy prompts in turn) with the toy policy and the random-head
+    reward model, on one process."""
     args = online_dpo.Args(model_name_or_path=str(toy_dirs.model), dataset_name=str(toy_dirs.prompts),
-                           reward_model_path=str(toy_dirs.rm), label=label, forward_batch_size=forward_batch_size,
-                           device="cpu")
+                           reward_model_path=str(toy_dirs.rm), label=label, device="cpu", **flags)
     runtime = online_dpo.setup(args)
     policy = online_dpo.load_model(str(toy_dirs.model), args, runtime, trained=True).eval()
     rm = online_dpo.load_model(str(toy_dirs.rm), args, runtime, trained=False,
                                model_class=AutoModelForSequenceClassification)
-    prompts = online_dpo.load_prompts(args, toy_dirs.tokenizer)[0][:7]
+    prompts = online_dpo.load_prompts(args, toy_dirs.tokenizer)[0]
+    prompts = [prompts[i % len(prompts)] for i in range(n_prompts)]
     eos_ids = online_dpo.eos_token_ids(policy, toy_dirs.tokenizer)
     return prompts, online_dpo.online_pairs(policy, rm, prompts, args, eos_ids, toy_dirs.tokenizer.pad_token_id,
                                             seed, runtime)
@@ -67,7 +68,7 @@ def plain_score(rm, ids: list[int]) -> float:
 def test_pairs_are_the_prompts_answers_scored_by_the_reward_model(toy_dirs):
     """Each pair is its prompt followed by two sampled answers, each ending in EOS here; row["scores"] are the reward
     model's own scores of them; with argmax labels the chosen one scores at least as high."""
-    prompts, (rows, stats) = make_pairs(toy_dirs)
+    prompts, (rows, stats) = make_pairs(toy_dirs, forward_batch_size=6)
     rm = AutoModelForSequenceClassification.from_pretrained(toy_dirs.rm).eval()
     eos = toy_dirs.tokenizer.eos_token_id
     for prompt, row in zip(prompts, rows):
@@ -115,23 +116,69 @@ def test_same_seed_same_weights(train_run):
     assert_same_weights(train_run().out, train_run(fresh=True).out)
 
 
-def test_a_round_of_several_steps(train_run, monkeypatch):
-    """prompts_per_round 12 over micro-batches of 4 (3 per epoch), 2 epochs, 2 micro-batches a step: 3 steps a round."""
-    calls, real = [], online_dpo.dpo_loss
-    monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
-    train_run(fresh=True, num_rounds=2, prompts_per_round=12, epochs_per_round=2, eval_steps=0, save_steps=0)
-    assert calls == [4] * 12  # 2 rounds x 2 epochs x 3 micro-batches
+def test_iterative_rounds_of_several_steps(train_run, monkeypatch):
+    """--iterative with 12 prompts a round over micro-batches of 4 (3 an epoch), 2 epochs, 2 micro-batches a step:
+    3 optimizer steps a round, and the schedule ends at 0 after the 6 of 2 rounds."""
+    calls, steps = [], []
+    real_loss, real_clip = online_dpo.dpo_loss, online_dpo.clip_gradients
+    monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **k: calls.append(len(a[0])) or real_loss(*a, **k))
+    monkeypatch.setattr(online_dpo, "clip_gradients", lambda *a, **k: steps.append(1) or real_clip(*a, **k))
+    run = train_run(fresh=True, num_rounds=2, iterative=True, prompts_per_round=12, epochs_per_round=2,
+                    eval_steps=0, save_steps=0)
+    assert calls == [4] * 12 and len(steps) == 6  # 2 rounds x 2 epochs x 3 micro-batches; 2 rounds x 3 steps
+    assert run.metrics["train/lr"] == 0.0 and run.metrics["train/round"] == 2
 
 
 @pytest.mark.parametrize("update_reference", [False, True])
-def test_the_reference(train_run, update_reference):
-    """Against the fixed pi_ref the rewards move off 0 after the first round (measured: 1e-3 and more); with
-    --update_reference each round's reference is the policy as the round starts, so online (one step a round) every
-    step's rewards are 0, up to the float rounding of the reference's pass, which batches the pairs otherwise (6e-9)."""
-    metrics = train_run(fresh=True, num_rounds=3, update_reference=update_reference, eval_steps=0,
-                        save_steps=0).metrics
-    rewards = max(abs(metrics["train/rewards/chosen"]), abs(metrics["train/rewards/rejected"]))
-    assert rewards < 1e-6 if update_reference else rewards > 1e-4
+def test_the_reference(train_run, monkeypatch, update_reference):
+    """Iterative rounds of 8 pairs, 2 epochs of 2 micro-batches, one a step: 4 steps a round. Against the fixed pi_ref
+    the log-ratio moves off 0 after the first step and stays off; with --update_reference each round's reference is
+    the policy as the round starts, so each round's first step has log pi - log pi_ref = 0 (up to the rounding of the
+    reference's pass, which batches the pairs otherwise: measured 6e-9), and its later steps do not."""
+    ratios, real = [], online_dpo.dpo_loss
+    monkeypatch.setattr(online_dpo, "dpo_loss", lambda *a, **k: (
+        ratios.append(float((a[0] - a[2]).detach().abs().max())) if a[0].requires_grad else None) or real(*a, **k))
+    train_run(fresh=True, num_rounds=3, iterative=True, prompts_per_round=8, epochs_per_round=2,
+              gradient_accumulation_steps=1, update_reference=update_reference, eval_steps=0, save_steps=0)
+    assert len(ratios) == 12 and ratios[0] == 0.0  # pi_ref is the starting policy, in the same batch
+    firsts, others = ratios[4::4], [x for i, x in enumerate(ratios) if i % 4]
+    assert min(others) > 1e-4
+    assert (max(firsts) < 1e-6) if update_reference else (min(firsts) > 1e-4)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (dict(update_reference=True), "--update_reference needs --iterative"),
+    (dict(update_reference=True, iterative=True, ref_model_name_or_path="x"), "--ref_model_name_or_path is unused"),
+    (dict(iterative=True, prompts_per_round=0), r"--iterative needs prompts_per_round \(0\)"),
+])
+def test_bad_flags_are_named(flags, match):
+    with pytest.raises(online_dpo.UsageError, match=match):
+        online_dpo.Args(**flags)
+
+
+def test_bradley_terry_labels_follow_the_scores(toy_dirs):
+    """Over 512 prompts, the chosen answer is the higher-scored one in a fraction matching E[sigmoid(|r1 - r2|)] over
+    the pairs whose answers differ in score, within 4 binomial standard errors."""
+    _, (rows, _) = make_pairs(toy_dirs, label="bradley_terry", n_prompts=512)
+    differ = [r["scores"] for r in rows if abs(r["scores"][0] - r["scores"][1]) > 1e-6]
+    higher = sum(chosen > rejected for chosen, rejected in differ) / len(differ)
+    expected = float(torch.sigmoid(torch.tensor([abs(c - r) for c, r in differ])).mean())
+    assert abs(higher - expected) < 4 * (expected * (1 - expected) / len(differ)) ** 0.5, (higher, expected)
+    assert higher < 0.99  # not argmax
+
+
+def test_the_missing_eos_penalty(toy_dirs):
+    """With room for 2 tokens, answers of 2 words have no EOS: their scores are the reward model's minus 5."""
+    rm = AutoModelForSequenceClassification.from_pretrained(toy_dirs.rm).eval()
+    eos = toy_dirs.tokenizer.eos_token_id
+    _, (rows, stats) = make_pairs(toy_dirs, max_new_tokens=2, missing_eos_penalty=5.0)
+    seen = 0
+    for row in rows:
+        for part, score in zip(("chosen", "rejected"), row["scores"]):
+            penalty = 0.0 if row[part][-1] == eos else 5.0
+            seen += penalty > 0
+            assert plain_score(rm, row[part]) - penalty == pytest.approx(score, abs=1e-5)
+    assert seen > 0 and stats["rollout/no_eos"] == seen / (2 * len(rows))
 
 
 def test_missing_or_bad_reward_model(toy_dirs, tmp_path, monkeypatch):

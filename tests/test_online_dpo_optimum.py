@@ -55,9 +55,9 @@ def target(times: float = 1.0) -> torch.Tensor:
 
 
 def test_bradley_terry_labels_reach_the_kl_regularised_optimum():
-    """Measured: max |log pi - log pi*| 0.47 after 100 rounds, 2e-6 after 1,000, 7e-10 after 1,500 (the tolerance,
-    1e-8, is 14x that); pi_ref starts 0.42 away."""
-    assert float((online("bradley_terry", 1500) - target()).abs().max()) < 1e-8
+    """Measured: max |log pi - log pi*| is 1.29 at pi_ref, 0.47 after 100 rounds, 2.1e-6 after 1,000, 1.8e-9 after
+    1,500 and 1.6e-12 after 2,000 (the tolerance, 1e-9, leaves 600x)."""
+    assert float((online("bradley_terry", 2000) - target()).abs().max()) < 1e-9
 
 
 def test_argmax_labels_collapse_onto_the_judges_best_answer():
@@ -66,7 +66,7 @@ def test_argmax_labels_collapse_onto_the_judges_best_answer():
     best = int(problem()[1].argmax())
     assert float(target().exp()[best]) < 0.06
     mass = [float(online("argmax", rounds).exp()[best]) for rounds in (100, 300)]
-    assert 0.9 < mass[0] < mass[1]
+    assert 0.85 < mass[0] < mass[1]  # measured: 0.902, 0.968
 
 
 def minimise(mu: torch.Tensor, ref_logits: torch.Tensor, label: str) -> torch.Tensor:
