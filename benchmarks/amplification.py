@@ -15,9 +15,10 @@ since beta KL(pi_hat || pi*) = E_pi_hat[eps] - beta log E_pi*[exp(eps / beta)], 
 E_pi_hat[eps] = E_pi*[exp(eps / beta) eps] / E_pi*[exp(eps / beta)] with a denominator >= 1 and a numerator >= 0.
 
 Beside them, the gap in expected true reward E_pi*[r] - E_pi_hat[r], and the source notes' rough estimate of it,
-E_pi*[exp(|eps| / beta) |eps|]; and the same reward gap for the forward-KL optima (f-DPO's formula, pi = pi_ref beta /
-(lambda - r)), whose ratio pi_hat / pi* = (lambda - r) / (lambda_hat - r_hat) is polynomial in the error, not
-exponential. Everything is over Y, with pi_ref conditioned on Y, averaged over the 8 prompts.
+E_pi*[exp(|eps| / beta) |eps|]; and the same two gaps for the forward-KL optima (f-DPO's formula, pi = pi_ref beta /
+(lambda - r), which maximise E_pi[r] - beta KL(pi_ref || pi)), whose ratio pi_hat / pi* = (lambda - r) / (lambda_hat -
+r_hat) is polynomial in the error, not exponential. Everything is over Y, with pi_ref conditioned on Y, averaged over
+the 8 prompts.
 
 r_hat comes from four sources: the toy reward model (python reward_model.py's default run); r plus 1 or plus 3 on the
 100 answers per prompt that pi_ref samples least ("rare", 2.4e-5 of its mass on the first prompt); and r plus 1 on
@@ -78,6 +79,8 @@ def gaps(ref_logp: np.ndarray, r: np.ndarray, r_hat: np.ndarray, beta: float, fo
     if forward_optimum is not None:
         f_star, f_hat = forward_optimum(ref_logp, r, beta), forward_optimum(ref_logp, r_hat, beta)
         out["forward_reward_gap"] = float(np.exp(f_star) @ r - np.exp(f_hat) @ r)
+        forward_objective = lambda logp: float(np.exp(logp) @ r) - beta * kl(ref_logp, logp)  # noqa: E731
+        out["forward_objective_gap"] = forward_objective(f_star) - forward_objective(f_hat)
         out["forward_kl_to_optimum"] = kl(f_hat, f_star)
     return out
 
