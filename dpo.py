@@ -13,6 +13,10 @@ pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x) (Eq. 4); Z cancels in h, so no re
 Deviations and options
 - `--label_smoothing eps` gives conservative DPO (cDPO), which takes each label to be flipped with probability eps:
   -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). 0, the default, is the paper's loss.
+- `--rpo_alpha a` adds RPO's term (Pang et al. 2024, arXiv:2404.19733): a times the chosen answer's negative
+  log-likelihood per token, -log pi(y_w|x) / |y_w|. It holds the chosen answers' likelihood up, and with it the mass
+  DPO can leave on answers outside the data, at the price of moving the minimiser off pi* toward the chosen answers.
+  TRL takes the NLL as a token mean over the batch; here it is per pair. 0, the default, is the paper's loss.
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. h is unchanged (they cancel).
 
@@ -24,13 +28,14 @@ Usage
         --precompute_ref_logps --gradient_checkpointing --output_dir runs/dpo-qwen
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
-    train/loss                  mean DPO (or cDPO) loss
+    train/loss                  mean DPO (or cDPO) loss, with the RPO term where --rpo_alpha
     train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (the implicit reward)
     train/rewards/rejected      the same for the rejected response
     train/rewards/margin        chosen minus rejected reward (= beta * h)
     train/rewards/accuracy      fraction of pairs with margin > 0
     train/logps/chosen          log pi(y_w|x) under the policy, summed over its tokens
     train/logps/rejected        the same for y_l
+    train/nll                   with --rpo_alpha: the chosen answer's NLL per token
     train/lr, grad_norm, epoch  the learning rate, the gradient norm before clipping, the fractional epoch
     perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
     eval/...                    the same quantities on the held-out split, every --eval_steps and at the end
@@ -90,6 +95,8 @@ class Args:
     """beta of Eq. 7: the strength of the KL penalty toward pi_ref (smaller moves further)"""
     label_smoothing: float = 0.0
     """cDPO epsilon: the assumed probability that a preference label is flipped (0 = DPO)"""
+    rpo_alpha: float = 0.0
+    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0 = DPO)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
@@ -187,6 +194,12 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's term (Pang et al. 2024): the chosen answer's negative log-likelihood per token, -log pi(y_w|x) / |y_w|
+    (B,), from its summed log-probs (B,) and token counts (B,)."""
+    return -policy_chosen_logps / chosen_lengths
+
+
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
@@ -219,8 +232,13 @@ def train(args: Args) -> dict:
         ref_chosen, ref_rejected = ref_pair_logps(ref_model, ref_logps, batch, split, runtime)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta,
                                                             args.label_smoothing)
+        if args.rpo_alpha:  # RPO: the chosen answer's NLL per token, added to each pair's loss
+            nll = rpo_nll(chosen, (batch["targets"] != -100).sum(-1)[: len(chosen)])
+            losses = losses + args.rpo_alpha * nll
         real = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
         metrics = pair_metrics(split, *(x[real] for x in (losses, chosen, rejected, chosen_rewards, rejected_rewards)))
+        if args.rpo_alpha:
+            metrics[f"{split}/nll"] = nll[real].mean().item()
         return losses, metrics
 
     @torch.no_grad()
