@@ -39,6 +39,9 @@ import tyro
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "toy_world"))
+from world import kl  # noqa: E402  KL(p || q) of log-probability vectors
+from world import optimum_logprobs as reverse_optimum  # noqa: E402  log pi_ref exp(r / beta) / Z
 
 BETAS = (0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 PERTURBATIONS = (("rare", 1.0), ("rare", 3.0), ("often", 1.0))  # r + size on the answers pi_ref samples least / most
@@ -53,16 +56,6 @@ class Config:
     out_json: Path = REPO / "benchmarks" / "amplification.json"
     out_png: Path = REPO / "docs" / "amplification.png"
     plot_only: bool = False
-
-
-def reverse_optimum(ref_logp: np.ndarray, r: np.ndarray, beta: float) -> np.ndarray:
-    a = ref_logp + r / beta
-    return a - np.logaddexp.reduce(a)
-
-
-def kl(logp: np.ndarray, logq: np.ndarray) -> float:
-    p = np.exp(logp)
-    return float(np.sum(np.where(p > 0, p * (logp - logq), 0.0)))
 
 
 def gaps(ref_logp: np.ndarray, r: np.ndarray, r_hat: np.ndarray, beta: float, forward_optimum=None) -> dict:

@@ -73,6 +73,22 @@ def ranked_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def toy_dirs(tmp_path_factory) -> SimpleNamespace:
+    """Snapshots of toy_world/model and toy_world/prompts, and a reward model with a random head (seed 0): for the
+    scripts that sample and score (ppo_rlhf.py, online_dpo.py) without depending on a trained reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = tmp_path_factory.mktemp("toy")
+    toy = Path(__file__).resolve().parents[1] / "toy_world"
+    model = Path(shutil.copytree(toy / "model", base / "model"))
+    prompts = Path(shutil.copytree(toy / "prompts", base / "prompts"))
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(base / "rm")
+    AutoTokenizer.from_pretrained(model).save_pretrained(base / "rm")
+    return SimpleNamespace(model=model, prompts=prompts, rm=base / "rm", tokenizer=AutoTokenizer.from_pretrained(model))
+
+
+@pytest.fixture(scope="module")
 def toy_tokenizer(toy_model_dir):
     return AutoTokenizer.from_pretrained(toy_model_dir)
 

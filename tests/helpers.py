@@ -145,3 +145,14 @@ def wandb_offline_log(root: Path, keys: tuple[str, ...], files: tuple[str, ...] 
         if time.monotonic() > deadline:
             raise AssertionError(f"after {timeout:.0f} s the offline wandb run under {root} lacks {missing}")
         time.sleep(0.25)
+
+
+def newton_minimise(loss, theta: torch.Tensor, tol: float = 1e-13) -> torch.Tensor:
+    """The minimiser of a convex loss over softmax logits by Newton's method from theta, in float64: the
+    pseudo-inverse of the Hessian skips the flat direction theta + c. Stops once the gradient is below tol."""
+    for _ in range(100):
+        grad = torch.autograd.functional.jacobian(loss, theta)
+        if grad.abs().max() < tol:
+            return theta
+        theta = theta - torch.linalg.pinv(torch.autograd.functional.hessian(loss, theta), hermitian=True) @ grad
+    raise AssertionError(f"Newton did not converge: gradient {grad.abs().max():.1e}")

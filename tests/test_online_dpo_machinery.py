@@ -8,33 +8,18 @@ Everything runs on CPU with the toy model and a reward model with a random, seed
 depends on a trained reward model.
 """
 
-import shutil
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import online_dpo
-from helpers import TOY, assert_same_weights, cached_runner, python
+from helpers import assert_same_weights, cached_runner, python
 
 # 8 prompts a round (online: one step of 2 micro-batches of 4 pairs), generated in chunks of 3 prompts
 BASE_ARGS = dict(num_rounds=4, save_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                  forward_batch_size=6, eval_steps=2, num_eval_prompts=5, logging_steps=1000, learning_rate=1e-3,
                  device="cpu")
-
-
-@pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory) -> SimpleNamespace:
-    """Snapshots of toy_world/model and toy_world/prompts, and a reward model with a random head (seed 0)."""
-    base = tmp_path_factory.mktemp("toy")
-    model = Path(shutil.copytree(TOY / "model", base / "model"))
-    prompts = Path(shutil.copytree(TOY / "prompts", base / "prompts"))
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(base / "rm")
-    AutoTokenizer.from_pretrained(model).save_pretrained(base / "rm")
-    return SimpleNamespace(model=model, prompts=prompts, rm=base / "rm", tokenizer=AutoTokenizer.from_pretrained(model))
 
 
 @pytest.fixture(scope="module")

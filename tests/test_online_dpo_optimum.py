@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import online_dpo
+from helpers import newton_minimise
 
 K, SEED, BETA = 5, 0, 0.5
 
@@ -70,17 +71,9 @@ def test_argmax_labels_collapse_onto_the_judges_best_answer():
 
 
 def minimise(mu: torch.Tensor, ref_logits: torch.Tensor, label: str) -> torch.Tensor:
-    """Iterative DPO's round: the exact minimiser of the round's loss from the reference, by Newton's method (the
-    pseudo-inverse skips the flat direction theta + c)."""
+    """Iterative DPO's round: the exact minimiser of the round's loss, by Newton's method from the reference."""
     scores = problem()[1]
-    loss = lambda t: round_loss(t, mu, ref_logits, scores, label)  # noqa: E731
-    theta = ref_logits.clone()
-    for _ in range(100):
-        grad = torch.autograd.functional.jacobian(loss, theta)
-        if grad.abs().max() < 1e-13:
-            return theta
-        theta = theta - torch.linalg.pinv(torch.autograd.functional.hessian(loss, theta), hermitian=True) @ grad
-    raise AssertionError(f"Newton did not converge: gradient {grad.abs().max():.1e}")
+    return newton_minimise(lambda t: round_loss(t, mu, ref_logits, scores, label), ref_logits.clone())
 
 
 @pytest.mark.parametrize("update_reference", [False, True])

@@ -4,17 +4,15 @@ loop promises about saving, resuming, non-finite steps, the RLOO mode and wandb.
 test_ppo_loss.py, test_ppo_bandit.py.)
 
 Everything runs on CPU with the toy world's model copied once per module and a reward model with a random, seeded
-head made from it here, so no test depends on a trained reward model or on what any model has learnt.
+head made from it (conftest's toy_dirs), so no test depends on a trained reward model or on what any model has learnt.
 """
 
 import json
 import runpy
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,23 +29,9 @@ from transformers import (
 )
 
 import ppo_rlhf as ppo
-from helpers import CONFIGS, ROOT, TINY, TOY, assert_same_weights, cached_runner, relative_gap, wandb_offline_log
-
+from helpers import CONFIGS, ROOT, TINY, assert_same_weights, cached_runner, relative_gap, wandb_offline_log
 
 # --------------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory) -> SimpleNamespace:
-    """Snapshots of toy_world/model and toy_world/prompts, and a reward model with a random head (seed 0)."""
-    base = tmp_path_factory.mktemp("toy")
-    model = Path(shutil.copytree(TOY / "model", base / "model"))
-    prompts = Path(shutil.copytree(TOY / "prompts", base / "prompts"))
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
-    rm.save_pretrained(base / "rm")
-    AutoTokenizer.from_pretrained(model).save_pretrained(base / "rm")
-    return SimpleNamespace(model=model, prompts=prompts, rm=base / "rm", tokenizer=AutoTokenizer.from_pretrained(model))
-
-
 # 8 prompts a rollout in chunks of 3 (so chunks stop generating at different widths), 2 minibatches of 2 micro-batches
 BASE_ARGS = dict(num_rollouts=4, save_steps=2, rollout_batch_size=8, per_device_train_batch_size=2,
                  gradient_accumulation_steps=2, num_ppo_epochs=2, forward_batch_size=3, eval_steps=2,

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import sacpo
+from helpers import newton_minimise
 
 K, SEED, BETA = 7, 0, 0.5
 LAMBDAS = [0.3, 2.0]
@@ -42,16 +43,8 @@ def population_loss(theta: torch.Tensor, ref_logits: torch.Tensor, score: torch.
 
 
 def minimise(ref_logits: torch.Tensor, score: torch.Tensor, mu: torch.Tensor, beta: float) -> torch.Tensor:
-    """The stage's population minimiser over logits, by Newton's method from the reference (the pseudo-inverse skips
-    the flat direction theta + c)."""
-    loss = lambda t: population_loss(t, ref_logits, score, mu, beta)  # noqa: E731
-    theta = ref_logits.clone()
-    for _ in range(100):
-        grad = torch.autograd.functional.jacobian(loss, theta)
-        if grad.abs().max() < 1e-13:
-            return theta
-        theta = theta - torch.linalg.pinv(torch.autograd.functional.hessian(loss, theta), hermitian=True) @ grad
-    raise AssertionError(f"Newton did not converge: gradient {grad.abs().max():.1e}")
+    """The stage's population minimiser over logits, by Newton's method from the reference."""
+    return newton_minimise(lambda t: population_loss(t, ref_logits, score, mu, beta), ref_logits.clone())
 
 
 def run_stages(lambda_: float, order: str) -> tuple[torch.Tensor, torch.Tensor]:
