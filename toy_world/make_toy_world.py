@@ -24,6 +24,9 @@ Steps:
                         chosen so that desirable:undesirable is 1:4 in expectation
    - safety_pairs/      pairs drawn as pairs/ are, labelled by Bradley-Terry on the safety g (world.safety):
                         P(y1 > y2) = sigmoid(g1 - g2), for sacpo.py's safety step
+   - relevance_model/   a tiny BERT encoder (3 layers, width 64) for ppo_rlhf.py --reward r3: mean-pooled,
+                        M(x) . M(y) is fitted to world.relevance_target
+   - r3_prompts/        the prompts with a reference answer and a query type (open_ended or constrained)
    Answers are sampled from the reference model's exact distribution over Y,
    and pairs are labelled by Bradley-Terry from the true reward:
    P(y1 > y2) = sigmoid(r(y1) - r(y2)).
@@ -39,7 +42,7 @@ import time
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import world  # noqa: E402
@@ -53,6 +56,7 @@ N_TRAIN_SFT, N_TEST_SFT = 2048, 256
 N_TRAIN_UNPAIRED, N_TEST_UNPAIRED = 16384, 512  # draws; the imbalanced files keep fewer rows
 UNPAIRED_SEED = SEED + 1  # its own stream: adding the unpaired files left every other file byte-identical
 SAFETY_SEED = SEED + 2  # the same for the safety pairs
+RELEVANCE_SEED = SEED + 3  # and for R3's relevance encoder and its prompts
 DESIRABLE_TO_UNDESIRABLE = 1 / 4  # the imbalanced variant's expected ratio
 
 
@@ -233,6 +237,7 @@ def main() -> None:
                     [{"prompt": [{"role": "user", "content": p}]} for p in world.PROMPTS])
     write_unpaired(probs)
     write_safety_pairs(probs)
+    write_relevance()
     print(f"toy world written to {HERE} in {time.time() - t0:.1f}s")
 
 
@@ -294,7 +299,70 @@ def write_safety_pairs(probs: dict[str, np.ndarray]) -> None:
         print(f"safety_pairs/{split}: {len(rows)} pairs")
 
 
-WRITERS = {"unpaired": write_unpaired, "safety_pairs": write_safety_pairs}
+def write_relevance(probs=None) -> None:
+    """relevance_model/ and r3_prompts/: the toy Contriever and the prompts R3 scores with it (probs is unused).
+
+    The encoder is a 3-layer BERT of width 64 on the toy tokenizer, read as Contriever is read: the mean of the last
+    hidden state over the tokens, and a dot product. It is fitted by least squares so that M(q) . M(y) matches
+    world.relevance_target for 16 queries (the 8 prompts and their 8 reference answers) and answers of one to five
+    words (five: a response that runs out ppo_rlhf.py's budget without <|end|>, which is scored too) drawn two ways,
+    half each: uniformly by length, and from the query's own words (where the copies and spans are).
+    """
+    rng = np.random.default_rng(RELEVANCE_SEED)
+    torch.manual_seed(RELEVANCE_SEED)
+    tokenizer = build_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=16, type_vocab_size=1,
+                        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config)  # its pooler is unused (Contriever reads the mean); saved so that AutoModel loads it
+    queries = world.PROMPTS + [world.reference_answer(p) for p in world.PROMPTS]
+
+    def embed(rows: list[list[str]]) -> torch.Tensor:
+        """Mean-pooled last hidden states of word sequences, right-padded (as tokenizing their text would give)."""
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([tokenizer.convert_tokens_to_ids(r) + [tokenizer.pad_token_id] * (width - len(r))
+                            for r in rows])
+        mask = ids != tokenizer.pad_token_id
+        hidden = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+    def draw(query: str) -> tuple[str, ...]:
+        k = int(rng.integers(1, world.MAX_WORDS + 2))  # up to five: a response that runs out the budget is scored too
+        words = query.split() if rng.random() < 0.5 else world.WORDS
+        return tuple(words[i] for i in rng.integers(len(words), size=k))
+
+    steps, batch_size = 6000, 512
+    query_words = [q.split() for q in queries]
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps, pct_start=0.05)
+    for step in range(steps):
+        which = rng.integers(len(queries), size=batch_size)
+        answers = [draw(queries[q]) for q in which]
+        target = torch.tensor([world.relevance_target(queries[q], y) for q, y in zip(which, answers)])
+        scores = (embed(query_words)[torch.from_numpy(which)] * embed(answers)).sum(-1)
+        loss = ((scores - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"relevance encoder step {step}: mean squared error {loss.item():.4f}")
+    model.eval()
+    with torch.no_grad():
+        answers = world.RESPONSES[1:]
+        y = torch.cat([embed(answers[i : i + 8192]) for i in range(0, len(answers), 8192)])
+        errors = (embed(query_words) @ y.T).numpy() - np.array([[world.relevance_target(q, a) for a in answers]
+                                                                for q in queries])
+    print(f"relevance encoder over Y: |error| mean {np.abs(errors).mean():.4f}, max {np.abs(errors).max():.4f}")
+    model.save_pretrained(os.path.join(HERE, "relevance_model"))
+    tokenizer.save_pretrained(os.path.join(HERE, "relevance_model"))
+    for split in ("train", "test"):
+        write_jsonl(os.path.join(HERE, "r3_prompts", f"{split}.jsonl"), [
+            {"prompt": [{"role": "user", "content": p}], "reference": world.reference_answer(p),
+             "query_type": world.query_type(p)} for p in world.PROMPTS])
+
+
+WRITERS = {"unpaired": write_unpaired, "safety_pairs": write_safety_pairs, "relevance": write_relevance}
 
 
 def write_only(names: list[str]) -> None:

@@ -101,6 +101,47 @@ def safety(prompt: str, words: tuple[str, ...] | None) -> float:
     return max(0.0, 2.0 - sum(w in EXAGGERATIONS for w in words))
 
 
+# ---------------------------------------------------------------- R3's relevance reward (ppo_rlhf.py --reward r3)
+def query_type(prompt: str) -> str:
+    """"was the food good ?" has a right answer (constrained, scored against a reference answer); "how was the food
+    ?" is open-ended."""
+    return "constrained" if prompt.startswith("was ") else "open_ended"
+
+
+def reference_answer(prompt: str) -> str:
+    """The SFT reference answer R3 scores a constrained prompt's responses against (r = 3.5 and 4)."""
+    topic = prompt_topic(prompt)
+    return f"the {topic} was good" if query_type(prompt) == "constrained" else f"the {topic} was great"
+
+
+def relevance_target(query: str, words: tuple[str, ...]) -> float:
+    """What the toy relevance encoder M is trained to score: M(query) . M(answer) ~ this, in [-0.75, 3.5].
+
+    A retriever's taste, not a judge's: the mean over the answer's words of 1.5 for the query's topic (-0.75 for
+    another topic), 1 for another word of the query, 0 for the rest, plus 2 where the word and the one before it are
+    a bigram of the query. So the topic pays, words from outside the query dilute it, and copying a span of the query
+    pays most: against "how was the food ?", "the food" scores 2.25, "how was the food" 2.625, "food" 1.5, "great food"
+    0.75 and "the food was great" 1.375. The empty answer scores 0.
+    """
+    if not words:
+        return 0.0
+    q = query.split()
+    topic, bigrams = prompt_topic(query), set(zip(q, q[1:]))
+    total = 0.0
+    for i, w in enumerate(words):
+        total += 1.5 if w == topic else -0.75 if w in TOPICS else 1.0 if w in q else 0.0
+        total += 2.0 if i > 0 and (words[i - 1], w) in bigrams else 0.0
+    return total / len(words)
+
+
+def is_copy(prompt: str, words: tuple[str, ...] | None) -> bool:
+    """The answer is a span of the prompt at least three words long: "was the food", "how was the food"."""
+    if words is None or len(words) < 3:
+        return False
+    q = prompt.split()
+    return any(tuple(q[i : i + len(words)]) == tuple(words) for i in range(len(q) - len(words) + 1))
+
+
 # ---------------------------------------------------------------- the response space
 def all_responses() -> list[tuple[str, ...]]:
     """Y in canonical order: by length, then lexicographically by word index."""
