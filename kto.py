@@ -494,6 +494,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
     model = model.to(runtime.device)
+    if runtime.device.type == "cpu":  # weights read from a file keep its offsets; the CPU kernels round by alignment
+        for p in model.parameters():
+            p.data = p.data.clone()  # so every model gets fresh storage, and a resumed run replays the run exactly
     if trained:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)

@@ -318,7 +318,7 @@ def train(args: Args) -> dict:
     eos_ids = eos_token_ids(policy, tokenizer)  # the tokenizer's eos and the model's own (a chat model's turn end)
 
     # ---- data: prompts, tokenized once; each round takes the next prompts_per_round of them
-    train_prompts, eval_prompts = load_prompts(args, tokenizer)
+    train_prompts, eval_prompts, _, _ = load_prompts(args, tokenizer)
     check_log_probs(policy, train_prompts[0], max(1, len(train_prompts[0]) - 64), runtime)  # a known LM head
     micro = args.per_device_train_batch_size * runtime.world  # pairs in one micro-batch over all ranks
     per_round = args.prompts_per_round if args.iterative else micro * args.gradient_accumulation_steps
@@ -554,6 +554,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
     model = model.to(runtime.device)
+    if runtime.device.type == "cpu":  # weights read from a file keep its offsets; the CPU kernels round by alignment
+        for p in model.parameters():
+            p.data = p.data.clone()  # so every model gets fresh storage, and a resumed run replays the run exactly
     if trained:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -691,15 +694,23 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
     return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
 
 
-def load_prompts(args, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """The train split's prompts and the first --num_eval_prompts of the eval split's, tokenized."""
+def load_prompts(args, tokenizer) -> tuple[list[list[int]], list[list[int]], list, list]:
+    """The train split's prompts and the first --num_eval_prompts of the eval split's, tokenized; and the rows they
+    came from (a Dataset, or [] with no eval split), whose other columns a method may read."""
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
                                         args.eval_holdout, args.seed)
     train_prompts = tokenize_prompts(train_data, tokenizer, args.max_prompt_length, "train")
     if eval_data is None:
-        return train_prompts, []
+        return train_prompts, [], prompt_rows(train_data), []
     eval_data = eval_data.select(range(min(args.num_eval_prompts, len(eval_data))))
-    return train_prompts, tokenize_prompts(eval_data, tokenizer, args.max_prompt_length, "eval")
+    eval_prompts = tokenize_prompts(eval_data, tokenizer, args.max_prompt_length, "eval")
+    return train_prompts, eval_prompts, prompt_rows(train_data), prompt_rows(eval_data)
+
+
+
+def prompt_rows(data):
+    """The rows whose prompts tokenize_prompts keeps: those that are not empty."""
+    return data.select([i for i, prompt in enumerate(data["prompt"]) if prompt])
 
 
 def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):

@@ -1,9 +1,8 @@
-"""RLHF with PPO in one file, with an RLOO (REINFORCE leave-one-out) option.
+"""RLHF with PPO in one file, with an RLOO (REINFORCE leave-one-out) option and R3's preference-free reward.
 
-Papers: Ouyang et al. 2022, "Training language models to follow instructions with human feedback" (InstructGPT),
-https://arxiv.org/abs/2203.02155; Schulman et al. 2017, "Proximal Policy Optimization Algorithms",
-https://arxiv.org/abs/1707.06347; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
-Learning from Human Feedback in LLMs", https://arxiv.org/abs/2402.14740
+Papers: Ouyang et al. 2022 (InstructGPT), https://arxiv.org/abs/2203.02155; Schulman et al. 2017 (PPO),
+https://arxiv.org/abs/1707.06347; Ahmadian et al. 2024 (RLOO), https://arxiv.org/abs/2402.14740; Kim & Seo 2024 (R3),
+"Preference-free Alignment Learning with Regularized Relevance Reward", https://arxiv.org/abs/2402.03469
 
 Objective (InstructGPT Eq. 2, without the pretraining term), maximised by pi* = pi_ref exp(r_phi/beta) / Z:
 
@@ -15,7 +14,12 @@ model, are whitened, and train the clipped surrogate (PPO Eq. 7) for several epo
 clipped too. Losses are token means over each minibatch, as in TRL and summarize_from_feedback_details.
 
 Deviations and options
-- The value model starts from the reward model (InstructGPT); `--value_model_init policy`: from the policy, new head.
+- The value model starts from the reward model (InstructGPT), or from the policy with a new head.
+- `--reward r3` needs no preference data: r = r_x LI(y) RP(y), with relevance r_x = M(x).M(y) from a retriever M
+  (mean-pooled, dot product), LI = words/100, RP = distinct/all trigrams; a prompt that --query_type_column marks
+  constrained gets F(r_y) RP instead, r_y = M(y_ref).M(y) against its reference answer. `--reward relevance`: r_x
+  alone, which the paper shows being hacked. As the authors' code: NLTK's wordpunct words, F linear from [0, 3.5]
+  to [0, max_new_tokens/100]. Not done: their running score normalisation and clip, and Alpaca-specific stripping.
 - `--kl_estimator k3` uses kl_t = (rho - 1) - log rho, rho = pi_ref/pi (http://joschu.net/blog/kl-approx.html), as TRL
   offers. Its mean is the KL too, but as a reward its gradient is not the KL's, and its fixed point is not pi*; k1 is.
 - `--advantage_estimator rloo`: no value model. Each prompt gets `--rloo_k` responses; a response's advantage is its
@@ -26,21 +30,16 @@ Deviations and options
 - The reward model shares the policy's tokenizer (a one-label *ForSequenceClassification, as reward_model.py makes)
   and is read at the EOS, as its own forward reads it. Dropout is off in every model: PPO's ratio compares two passes.
 
-Usage
+Usage (real-model recipes: docs/real_models.md)
     python reward_model.py && python ppo_rlhf.py     # the embedded toy world: a reward model, then PPO against it
-    python ppo_rlhf.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --reward_model_path runs/rm-tldr \\
-        --dataset_name trl-lib/tldr --max_prompt_length 512 --max_new_tokens 53 --missing_eos_penalty 1.0 \\
-        --beta 0.05 --learning_rate 3e-6 --num_rollouts 1000 --rollout_batch_size 64 --per_device_train_batch_size 16 \\
-        --gradient_accumulation_steps 4 --gradient_checkpointing --output_dir runs/ppo-qwen
+    python ppo_rlhf.py --reward r3 --dataset_name toy_world/r3_prompts --query_type_column query_type --beta 0.005
 
 Logged metrics (one dict per rollout; printed every --logging_steps, and to wandb with --track)
-    objective/kl, objective/score    mean over responses of sum_t kl_t, and the mean score after the EOS penalty
-    objective/rlhf_reward, objective/entropy    score - beta * kl (the quantity maximised), summed per-token entropy
+    objective/kl, objective/score, objective/rlhf_reward   mean sum_t kl_t, score after the EOS penalty, score - beta kl
+    objective/entropy; with R3 objective/relevance, objective/length_incentive, objective/repetition: r_x or r_y, LI, RP
     policy/approxkl, policy/clipfrac    0.5 mean (log pi_new - log pi_old)^2, and the fraction of clipped tokens
     loss/policy, loss/value, val/error, val/clipfrac, val/grad_norm    clipped losses, value error, value clipping
-    rollout/length, rollout/no_eos   mean response tokens (EOS included), fraction without an EOS
-    train/lr, train/grad_norm, train/episodes    (the policy's norm before clipping; responses generated so far)
-    perf/tokens_per_sec, perf/generated_tokens_per_sec, time/*    throughput and seconds in each phase
+    rollout/length, rollout/no_eos, train/lr, train/grad_norm, train/episodes, perf/tokens_per_sec, time/*
     eval/score                  mean score of one sampled response per held-out prompt, with a printed sample table
 """
 
@@ -67,7 +66,7 @@ import tyro
 from datasets import DatasetDict, load_dataset
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 
 @dataclass
@@ -118,8 +117,18 @@ class Args:
     """PPO ratio clip epsilon (PPO Eq. 7)"""
     cliprange_value: float = 0.2
     """value predictions move at most this far from the rollout's values before the value loss is clipped"""
-    value_model_init: Literal["reward_model", "policy"] = "reward_model"
-    """initialise the value model from the reward model (InstructGPT) or from the policy with a new head"""
+    value_model_init: Optional[Literal["reward_model", "policy"]] = None
+    """start the value model from the reward model (InstructGPT) or from the policy with a new head; None: the reward
+    model, or the policy where there is none (--reward r3 or relevance)"""
+    # ---- R3, a preference-free reward (Kim & Seo 2024)
+    reward: Literal["reward_model", "r3", "relevance"] = "reward_model"
+    """reward_model: r_phi; r3: R3 from --relevance_model, with LI and RP; relevance: M(x) . M(y) alone (it hacks)"""
+    relevance_model: str = "toy_world/relevance_model"
+    """r3: the retriever M, a Hugging Face encoder read by mean pooling (facebook/contriever in the paper)"""
+    query_type_column: Optional[str] = None
+    """r3: column saying, per prompt, open_ended or constrained (None: all open-ended)"""
+    reference_column: str = "reference"
+    """r3: column of the reference answer y that a constrained prompt's responses are scored against"""
     # ---- optimisation
     learning_rate: float = 3e-4
     """peak AdamW learning rate of the policy and value model (the toy world's; about 3e-6 suits a real 0.5-7B one)"""
@@ -195,6 +204,8 @@ class Args:
             raise UsageError(f"--advantage_estimator rloo needs rloo_k >= 2 responses per prompt, got {self.rloo_k}")
         if self.temperature <= 0 or self.max_new_tokens < 1:
             raise UsageError("PPO samples its responses: temperature must be > 0 and max_new_tokens >= 1")
+        if self.reward != "reward_model" and self.value_model_init == "reward_model":
+            raise UsageError(f"--reward {self.reward} has no reward model to start the value model from")
 
 
 
@@ -312,6 +323,32 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).detach()
 
 
+def wordpunct(text: str) -> list[str]:
+    """The words R3 counts, as nltk.wordpunct_tokenize splits them: runs of letters and digits, runs of the rest."""
+    return re.findall(r"\w+|[^\w\s]+", text)
+
+
+def length_incentive(words: list[str]) -> float:
+    """LI(y) = (words of y) / 100: it keeps a relevance reward from favouring short answers."""
+    return len(words) / 100
+
+
+def repetition_penalty(words: list[str]) -> float:
+    """RP(y) = distinct trigrams of y / trigrams of y, case-sensitive; 1 for fewer than three words (no trigrams)."""
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(set(trigrams)) / len(trigrams) if trigrams else 1.0
+
+
+def r3_reward(relevance: torch.Tensor, open_ended: torch.Tensor, length_incentive: torch.Tensor,
+              repetition: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """R3(x, y, y^) = r_x LI RP for an open-ended prompt, F(r_y) RP for a constrained one, all (B,).
+
+    relevance is r_x = M(x) . M(y^) on open-ended rows and r_y = M(y) . M(y^) (y the reference answer) on the others.
+    F maps a Contriever score's range [0, 3.5] linearly onto LI's, [0, max_new_tokens / 100], unclamped.
+    """
+    reference_scaled = relevance / 3.5 * (max_new_tokens / 100)
+    return torch.where(open_ended, relevance * length_incentive, reference_scaled) * repetition
+
 
 # ------------------------------------------------------------------------------------ the method's own log-prob code
 def response_logps(model, query, query_mask, response, response_mask, temperature: float,
@@ -363,28 +400,60 @@ def reward_scores(model, query, query_mask, response, response_mask) -> torch.Te
     return model.score(hidden[torch.arange(len(hidden), device=hidden.device), last]).squeeze(-1).float()
 
 
+R3_PARTS = ("relevance", "length_incentive", "repetition")  # logged as objective/*, and shown in the sample table
+
+
+def mean_pooled(encoder, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Contriever's embedding of each text (N, H), float32: the mean of the last hidden state over its tokens.
+
+    Texts over the encoder's length keep their end (Contriever truncates on the left); a text with no tokens (an empty
+    one, where the tokenizer adds none) embeds as 0.
+    """
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(encoder.device)
+    if batch["input_ids"].shape[1] == 0:  # every text empty
+        return torch.zeros(len(texts), encoder.config.hidden_size, device=encoder.device)
+    hidden = encoder(**batch).last_hidden_state.float()  # (N, T, H)
+    mask = batch["attention_mask"][..., None].float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def r3_scores(encoder, encoder_tokenizer, queries: list["Query"], responses: list[str], args) -> dict:
+    """The reward of each response text (B,) and its parts, each (B,) float32 on the encoder's device: the relevance
+    it used (r_x, or r_y on constrained rows), LI and RP. --reward relevance scores r_x alone."""
+    words = [wordpunct(r) for r in responses]
+    device = encoder.device
+    parts = {"length_incentive": torch.tensor([length_incentive(w) for w in words], device=device),
+             "repetition": torch.tensor([repetition_penalty(w) for w in words], device=device)}
+    open_ended = torch.tensor([q.open_ended or args.reward == "relevance" for q in queries], device=device)
+    against = [q.text if o else q.reference for q, o in zip(queries, open_ended.tolist())]
+    parts["relevance"] = (mean_pooled(encoder, encoder_tokenizer, against)
+                          * mean_pooled(encoder, encoder_tokenizer, responses)).sum(-1)
+    if args.reward == "relevance":
+        return {"scores": parts["relevance"], **parts}
+    return {"scores": r3_reward(parts["relevance"], open_ended, parts["length_incentive"], parts["repetition"],
+                                args.max_new_tokens), **parts}
+
+
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
     rloo = args.advantage_estimator == "rloo"
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
 
-    # ---- models: the policy, the frozen reference and reward model, and (GAE only) the value model
+    # ---- models: the policy, the frozen reference, the reward model (or R3's encoder), (GAE only) the value model
     policy_path = resolve_path(args.resume_from or args.model_name_or_path)
-    rm_path = resolve_path(args.reward_model_path)
-    if args.reward_model_path == Args.reward_model_path and not os.path.isdir(rm_path):
-        raise UsageError(f"no reward model at {rm_path!r}: train one first with `python reward_model.py` (it "
-                                "saves to runs/reward_model), or pass --reward_model_path")
     tokenizer, pad_id = load_tokenizer(policy_path)
-    check_same_tokenizer(rm_path, tokenizer)
     state = load_training_state(args.resume_from, policy_path)  # None for a new run
     policy = load_model(policy_path, args, runtime, trained=True)
     ref_model = load_reference(args, runtime, policy)
-    reward_model = load_model(rm_path, args, runtime, trained=False, model_class=AutoModelForSequenceClassification)
-    if unwrap(reward_model).config.num_labels != 1:
-        raise UsageError(f"the reward model {rm_path!r} has {unwrap(reward_model).config.num_labels} labels, not 1")
+    reward_model, rm_path = None, None
+    if args.reward == "reward_model":
+        reward_model, rm_path = load_reward_model(args, runtime, tokenizer)
+    else:
+        encoder, encoder_tokenizer = load_encoder(args.relevance_model, runtime.device)
     value_model = None
     if not rloo:  # a resumed run's own; else the reward model (InstructGPT) or the policy, with a new head
-        value_path = rm_path if args.value_model_init == "reward_model" else policy_path
+        value_path = rm_path if (args.value_model_init or "reward_model") == "reward_model" and rm_path else policy_path
         value_model = load_model(os.path.join(policy_path, "value_model") if args.resume_from else value_path, args,
                                  runtime, trained=True, model_class=AutoModelForSequenceClassification, num_labels=1)
     eos_ids = eos_token_ids(policy, tokenizer)  # the tokenizer's eos and the model's own (a chat model's turn end)
@@ -392,18 +461,20 @@ def train(args: Args) -> dict:
     save_value_model = value_model and (lambda path: save_model(os.path.join(path, "value_model"), value_model))
 
     # ---- data: prompts, tokenized once; each rollout draws the next ones, each with its own uniforms to sample from
-    train_prompts, eval_prompts = load_prompts(args, tokenizer)
+    train_prompts, eval_prompts, train_rows, eval_rows = load_prompts(args, tokenizer)
+    train_queries, eval_queries = r3_queries(train_rows, args, "train"), r3_queries(eval_rows, args, "eval")
     check_log_probs(policy, train_prompts[0], max(1, len(train_prompts[0]) - 64), runtime)  # a known LM head
     rollouts = RolloutPrompts(train_prompts, args, runtime, samples_per_prompt=args.rloo_k if rloo else 1)
     minibatches = Minibatches(rollouts.batch_size, args, runtime)
     total_steps = args.num_rollouts * args.num_ppo_epochs * minibatches.per_epoch  # optimizer steps
 
     @torch.no_grad()
-    def sample_and_score(prompts: list[list[int]], uniforms: torch.Tensor, timings: Counter) -> dict:
-        """Steps 1-3 of a rollout, in chunks of forward_batch_size; uniforms (B, R) are the rows' draws."""
-        query, query_mask = (t.to(runtime.device) for t in left_pad(prompts, pad_id))
+    def sample_and_score(rows: list[int], prompts: list, queries: list, uniforms: torch.Tensor,
+                         timings: Counter) -> dict:
+        """Steps 1-3 of a rollout for prompts[rows], in chunks of forward_batch_size; uniforms (B, R) are the draws."""
+        query, query_mask = (t.to(runtime.device) for t in left_pad([prompts[i] for i in rows], pad_id))
         chunks = []
-        for s in range(0, len(prompts), args.forward_batch_size):
+        for s in range(0, len(rows), args.forward_batch_size):
             q, q_mask = query[s : s + args.forward_batch_size], query_mask[s : s + args.forward_batch_size]
             # 1. generate
             with timed(timings, "generate", runtime.device), runtime.autocast():
@@ -411,15 +482,20 @@ def train(args: Args) -> dict:
                              eos_ids, uniforms[s : s + args.forward_batch_size].to(runtime.device))
             # 2. truncate after EOS
             response, mask, has_eos = truncate_after_eos(raw, eos_ids, pad_id)
-            # 3. score with the reward model, at the EOS token
-            with timed(timings, "score", runtime.device), runtime.autocast():
-                scores = reward_model(reward_scores, q, q_mask, response, mask)
-            chunks.append((response, mask, has_eos, scores))
-        width = max(c[0].shape[1] for c in chunks)  # chunks stop generating at different lengths
-        return {"query": query, "query_mask": query_mask,
-                "response": torch.cat([pad_right(c[0], width, pad_id) for c in chunks]),
-                "mask": torch.cat([pad_right(c[1], width, False) for c in chunks]),
-                "has_eos": torch.cat([c[2] for c in chunks]), "scores": torch.cat([c[3] for c in chunks])}
+            # 3. score: with the reward model at the EOS token, or with R3 from the response's text
+            with timed(timings, "score", runtime.device):
+                if reward_model is not None:
+                    with runtime.autocast():
+                        scored = {"scores": reward_model(reward_scores, q, q_mask, response, mask)}
+                else:  # in float32, as the authors run Contriever
+                    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(response, mask)]
+                    picked = [queries[i] for i in rows[s : s + args.forward_batch_size]]
+                    scored = r3_scores(encoder, encoder_tokenizer, picked, texts, args)
+            chunks.append({"response": response, "mask": mask, "has_eos": has_eos, **scored})
+        width = max(c["response"].shape[1] for c in chunks)  # chunks stop generating at different lengths
+        fill = {"response": pad_id, "mask": False}
+        return {"query": query, "query_mask": query_mask, **{
+            k: torch.cat([pad_right(c[k], width, fill[k]) if k in fill else c[k] for c in chunks]) for k in chunks[0]}}
 
     def evaluate(done: int) -> dict:
         """One sampled response per held-out prompt (the same sampling seed every time); print a sample table."""
@@ -427,16 +503,19 @@ def train(args: Args) -> dict:
         generator = torch.Generator().manual_seed(args.seed)
         uniforms = torch.rand(len(eval_prompts), args.max_new_tokens, generator=generator)
         share, n = rank_share(list(range(len(eval_prompts))), runtime.rank, runtime.world)
-        batch = sample_and_score([eval_prompts[i] for i in share], uniforms[share], Counter())
+        batch = sample_and_score(share, eval_prompts, eval_queries, uniforms[share], Counter())
         batch["scores"] = penalised_scores(batch["scores"], batch["has_eos"], args.missing_eos_penalty)
         total = all_sum({"score": batch["scores"][:n].sum().item(), "count": n}, runtime.device)
-        rows = sample_table(tokenizer, *(batch[k][:n] for k in ("query", "query_mask", "response", "mask", "scores")))
-        tqdm.write(f"samples after rollout {done} (prompt | response | score):\n"
-                   + "\n".join(f"  {p!r} | {r!r} | {s:.3f}" for p, r, s in rows[: args.num_printed_samples]))
+        columns = ["prompt", "response", "score", *(k for k in R3_PARTS if k in batch)]
+        rows = sample_table(tokenizer, *(batch[k][:n] for k in ("query", "query_mask", "response", "mask")),
+                            *(batch[k][:n] for k in ("scores", *columns[3:])))
+        tqdm.write(f"samples after rollout {done} ({' | '.join(columns)}):\n" + "\n".join(
+            "  " + " | ".join([repr(p), repr(r), *(f"{v:.3f}" for v in values)])
+            for p, r, *values in rows[: args.num_printed_samples]))
         if tracker is not None:
             import wandb
 
-            tracker.log({"eval/samples": wandb.Table(columns=["prompt", "response", "score"], data=rows)}, step=done)
+            tracker.log({"eval/samples": wandb.Table(columns=columns, data=rows)}, step=done)
         return {"eval/score": total["score"] / total["count"]}
 
     # ---- optimizer (one AdamW, a parameter group per trained model), learning-rate schedule, a resumed run's state
@@ -453,8 +532,8 @@ def train(args: Args) -> dict:
     for rollout in progress:
         step_start, timings = time.perf_counter(), Counter()
         trained.eval()
-        prompts, uniforms = rollouts.of_rollout(rollout)
-        batch = sample_and_score(prompts, uniforms, timings)  # steps 1-3
+        rows, uniforms = rollouts.of_rollout(rollout)
+        batch = sample_and_score(rows, train_prompts, train_queries, uniforms, timings)  # steps 1-3
         # 4. old policy log-probs (and entropy), reference log-probs and values: one no-grad pass each
         logps_of = functools.partial(response_logps, temperature=args.temperature)
         with timed(timings, "policy_forward", runtime.device):
@@ -527,6 +606,7 @@ def train(args: Args) -> dict:
             "objective/kl": (kl * mask).sum(-1).mean().item(), "objective/score": scores.mean().item(),
             "objective/rlhf_reward": rewards.sum(-1).mean().item(),  # score - beta * objective/kl
             "objective/entropy": (entropy * mask).sum(-1).mean().item(),
+            **{f"objective/{k}": batch[k].mean().item() for k in R3_PARTS if k in batch},
             "rollout/length": mask.sum(-1).float().mean().item(),
             "rollout/no_eos": (~batch["has_eos"]).float().mean().item(),
             "train/lr": scheduler.get_last_lr()[0], "train/episodes": (rollout + 1) * rollouts.batch_size,
@@ -705,6 +785,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
     model = model.to(runtime.device)
+    if runtime.device.type == "cpu":  # weights read from a file keep its offsets; the CPU kernels round by alignment
+        for p in model.parameters():
+            p.data = p.data.clone()  # so every model gets fresh storage, and a resumed run replays the run exactly
     if trained:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -817,6 +900,29 @@ def load_reference(args, runtime: Runtime, policy):
 
 
 
+def load_reward_model(args, runtime: Runtime, tokenizer):
+    """The frozen reward model, a one-label sequence classifier on the policy's tokenizer, and its path."""
+    rm_path = resolve_path(args.reward_model_path)
+    if args.reward_model_path == Args.reward_model_path and not os.path.isdir(rm_path):
+        raise UsageError(f"no reward model at {rm_path!r}: train one first with `python reward_model.py` (it "
+                         "saves to runs/reward_model), or pass --reward_model_path")
+    check_same_tokenizer(rm_path, tokenizer)
+    reward_model = load_model(rm_path, args, runtime, trained=False, model_class=AutoModelForSequenceClassification)
+    if unwrap(reward_model).config.num_labels != 1:
+        raise UsageError(f"the reward model {rm_path!r} has {unwrap(reward_model).config.num_labels} labels, not 1")
+    return reward_model, rm_path
+
+
+def load_encoder(path: str, device: torch.device):
+    """A frozen Hugging Face encoder (AutoModel, float32, eval mode) and its tokenizer, which truncates on the left
+    at the encoder's length."""
+    path = resolve_path(path)
+    encoder = AutoModel.from_pretrained(path, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
+    tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+    return encoder, tokenizer
+
+
 class AdapterOff:
     """A LoRA policy called as its base model: the adapter is switched off for the call, and gives no gradient."""
 
@@ -847,15 +953,60 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
     return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
 
 
-def load_prompts(args, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """The train split's prompts and the first --num_eval_prompts of the eval split's, tokenized."""
+def load_prompts(args, tokenizer) -> tuple[list[list[int]], list[list[int]], list, list]:
+    """The train split's prompts and the first --num_eval_prompts of the eval split's, tokenized; and the rows they
+    came from (a Dataset, or [] with no eval split), whose other columns a method may read."""
     train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
                                         args.eval_holdout, args.seed)
     train_prompts = tokenize_prompts(train_data, tokenizer, args.max_prompt_length, "train")
     if eval_data is None:
-        return train_prompts, []
+        return train_prompts, [], prompt_rows(train_data), []
     eval_data = eval_data.select(range(min(args.num_eval_prompts, len(eval_data))))
-    return train_prompts, tokenize_prompts(eval_data, tokenizer, args.max_prompt_length, "eval")
+    eval_prompts = tokenize_prompts(eval_data, tokenizer, args.max_prompt_length, "eval")
+    return train_prompts, eval_prompts, prompt_rows(train_data), prompt_rows(eval_data)
+
+
+def prompt_rows(data):
+    """The rows whose prompts tokenize_prompts keeps: those that are not empty."""
+    return data.select([i for i, prompt in enumerate(data["prompt"]) if prompt])
+
+
+@dataclass
+class Query:
+    """What R3 scores a prompt's responses against: its text x (a message list's user turns; a text prompt as it is,
+    not truncated); its reference answer y; whether it is open-ended."""
+
+    text: str
+    reference: str
+    open_ended: bool
+
+
+def r3_queries(rows, args, desc: str) -> list[Optional[Query]]:
+    """Each prompt row's Query (Nones for --reward reward_model): the user turns' text, joined by spaces; the
+    reference_column; open-ended unless query_type_column says constrained."""
+    if args.reward == "reward_model" or not len(rows):
+        return [None] * len(rows)
+    branching = args.reward == "r3" and args.query_type_column is not None
+    for column in (args.query_type_column, args.reference_column) if branching else ():
+        if column not in rows.column_names:
+            raise UsageError(f"--reward r3 with --query_type_column needs a column {column!r} in the {desc} split "
+                             f"(columns: {sorted(rows.column_names)})")
+    queries = []
+    for i, row in enumerate(rows):
+        turns = row["prompt"] if is_conversation(row["prompt"]) else [{"role": "user", "content": row["prompt"]}]
+        text = " ".join(m["content"] for m in turns if m["role"] == "user")
+        kind = str(row[args.query_type_column]).lower().replace("-", "_") if branching else "open_ended"
+        if kind not in ("open_ended", "openended", "constrained"):
+            raise UsageError(f"{desc} row {i}: {args.query_type_column!r} is {row[args.query_type_column]!r}, not "
+                             "open_ended or constrained")
+        reference = row[args.reference_column] if kind == "constrained" else ""
+        if is_conversation(reference):  # the assistant turns of a conversation
+            reference = " ".join(m["content"] for m in reference if m["role"] == "assistant")
+        if kind == "constrained" and not (isinstance(reference, str) and reference.strip()):
+            raise UsageError(f"{desc} row {i}: a constrained prompt needs a reference answer in "
+                             f"{args.reference_column!r}, got {reference!r}")
+        queries.append(Query(text, reference, kind != "constrained"))
+    return queries
 
 
 def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):
@@ -933,15 +1084,15 @@ class RolloutPrompts:
         self.batch_size = args.rollout_batch_size * samples_per_prompt * runtime.world  # responses, over all ranks
         self.orders: dict[int, list[int]] = {}
 
-    def of_rollout(self, rollout: int) -> tuple[list[list[int]], torch.Tensor]:
-        """(prompts, uniforms (B, max_new_tokens)) of this rank's responses in rollout `rollout`."""
+    def of_rollout(self, rollout: int) -> tuple[list[int], torch.Tensor]:
+        """(indices into prompts, uniforms (B, max_new_tokens)) of this rank's responses in rollout `rollout`."""
         picked, args, runtime = [], self.args, self.runtime
         first = (rollout * runtime.world + runtime.rank) * args.rollout_batch_size  # this rank's block of slots
         for slot in range(first, first + args.rollout_batch_size):
             epoch, i = divmod(slot, len(self.prompts))
             if epoch not in self.orders:
                 self.orders[epoch] = prompt_order(len(self.prompts), args.seed, epoch)
-            picked += [self.prompts[self.orders[epoch][i]]] * self.samples_per_prompt
+            picked += [self.orders[epoch][i]] * self.samples_per_prompt
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 3 * rollout + 1)
         uniforms = torch.rand(self.batch_size, args.max_new_tokens, generator=generator)  # (B, R) over all ranks
         local = self.batch_size // runtime.world
@@ -1220,12 +1371,13 @@ def all_sum(values: dict, device) -> dict:
     return dict(zip(keys, total.tolist()))
 
 
-def sample_table(tokenizer, query, query_mask, response, response_mask, scores) -> list[list]:
-    """[prompt, response, score] rows, as text."""
+def sample_table(tokenizer, query, query_mask, response, response_mask, *columns) -> list[list]:
+    """[prompt, response, *values] rows: the texts, and each row's value in every column (B,), rounded."""
     rows = []
-    for q, q_mask, r, r_mask, s in zip(query, query_mask, response, response_mask, scores):
+    for q, q_mask, r, r_mask, *values in zip(query, query_mask, response, response_mask, *columns):
         rows.append([tokenizer.decode(q[q_mask.bool()], skip_special_tokens=True).strip(),
-                     tokenizer.decode(r[r_mask.bool()], skip_special_tokens=True).strip(), round(float(s), 4)])
+                     tokenizer.decode(r[r_mask.bool()], skip_special_tokens=True).strip(),
+                     *(round(float(v), 4) for v in values)])
     return rows
 
 

@@ -315,6 +315,30 @@ def test_rloo_advantages_reach_the_loss_unwhitened(train_run, monkeypatch, norma
     assert checked == set(range(len(logps)))
 
 
+def test_r3_runs_without_a_reward_model_and_resumes_exactly(train_run, toy_dirs, monkeypatch, capsys):
+    """--reward r3 on the toy world's relevance encoder and r3_prompts (half open-ended, half constrained): no reward
+    model is read, the critic starts from the policy, R3's parts are logged and shown in the sample table, the
+    constrained prompts are scored against their reference answers, and a resumed run replays the run."""
+    loaded, scored = [], []
+    real_load, real_scores = ppo.AutoModelForSequenceClassification.from_pretrained, ppo.r3_scores
+    monkeypatch.setattr(ppo.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda path, **kw: loaded.append(path) or real_load(path, **kw))
+    monkeypatch.setattr(ppo, "r3_scores", lambda *a: scored.append((a[2], a[3])) or real_scores(*a))
+    r3 = dict(reward="r3", reward_model_path="no/such/reward/model", dataset_name=str(ROOT / "toy_world/r3_prompts"),
+              query_type_column="query_type", relevance_model=str(ROOT / "toy_world/relevance_model"))
+    full = train_run(fresh=True, **r3)
+    assert loaded == [full.args.model_name_or_path]  # the critic, from the policy; no reward model
+    for key in ("objective/relevance", "objective/length_incentive", "objective/repetition"):
+        assert key in full.metrics and torch.isfinite(torch.tensor(full.metrics[key])), key
+    assert "(prompt | response | score | relevance | length_incentive | repetition)" in capsys.readouterr().out
+    queries = [q for picked, _ in scored for q in picked]
+    assert {(q.text, q.open_ended) for q in queries} >= {("how was the food ?", True), ("was the film good ?", False)}
+    assert all(q.reference == f"the {q.text.split()[2]} was good" for q in queries if not q.open_ended)
+    resumed = train_run(fresh=True, resume_from=str(full.out / "checkpoint-2"), **r3)
+    assert_same_weights(full.out, resumed.out)
+    assert without_timings(full.metrics) == without_timings(resumed.metrics)
+
+
 def test_rloo_needs_two_samples(train_run):
     with pytest.raises(ValueError, match="rloo_k >= 2"):
         train_run(fresh=True, advantage_estimator="rloo", rloo_k=1)
@@ -347,7 +371,7 @@ def test_help_lists_the_method_flags(monkeypatch, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--beta", "--kl_estimator", "--advantage_estimator", "--rloo_k", "--missing_eos_penalty",
-                 "--value_model_init"):
+                 "--value_model_init", "--reward", "--relevance_model", "--query_type_column", "--reference_column"):
         assert flag in out
 
 
