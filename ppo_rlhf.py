@@ -350,7 +350,7 @@ def r3_reward(relevance: torch.Tensor, open_ended: torch.Tensor, length_incentiv
     return torch.where(open_ended, relevance * length_incentive, reference_scaled) * repetition
 
 
-# ------------------------------------------------------------------------------------ the method's own log-prob code
+# --------------------------------------------------------------------------- the method's own log-prob and scoring code
 def response_logps(model, query, query_mask, response, response_mask, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(y_t | x, y_<t) of every response token (B, R), zero outside the mask, and optionally the entropy (B, R).

@@ -8,9 +8,11 @@ every figure below:
 - the true E[r] (world.reward; the mass outside Y earns 0), and the distribution of answer lengths;
 - for a trained policy, KL(pi|Y || pi*|Y) as a fraction of the reference's, as test_ppo_toy_world.py reports it.
 
-The relevance reward is hacked: its optimum copies the question. R3's optimum copies it less. Its reference-answer
-form (the constrained prompts, "was the food good ?") leaves no copies; its length incentive (the open-ended prompts,
-"how was the food ?") moves the copies from three words to four, since no toy answer can be longer than a copy.
+The relevance reward is hacked: its exact optimum copies the question with 40% of its mass (the paper: about 40% of
+outputs) and gives short answers the rest. R3's optimum copies less: its reference-answer form (the constrained prompts,
+"was the food good ?") leaves no copies, while its length incentive (the open-ended prompts, "how was the food ?")
+moves them from three words to four, since no toy answer can be longer than a copy. PPO, in NUM_ROLLOUTS rollouts,
+finds the short answers but not the copies, whose reference probability is about 1e-4 (docs/r3.md).
 """
 
 import functools
@@ -99,7 +101,7 @@ def optimum(reference: dict, reward: dict, beta: float) -> dict:
 
 def describe(name: str, f: dict) -> str:
     lengths = " ".join(f"{v:.2f}" for v in f["lengths"])
-    return (f"{name}: copy mass {f['copy']:.3f} (Y only: open-ended {f['open_ended']:.3f}, constrained "
+    return (f"{name}: copy mass {f['copy']:.4f} (Y only: open-ended {f['open_ended']:.3f}, constrained "
             f"{f['constrained']:.3f}), E[r] {f['reward']:.3f}, mean length {f['mean_length']:.2f}, P(0..4 words, "
             f"outside Y) {lengths}")
 
@@ -113,7 +115,7 @@ def test_exact_optima_copy_the_question_under_relevance_alone(rewards):
     for name, f in (("reference", ref), (f"relevance optimum (beta {BETA['relevance']})", rel),
                     (f"R3 optimum (beta {BETA['r3']})", r3)):
         MEASURED.append("R3 toy world, exact: " + describe(name, f))
-    # Measured: reference copy mass 0.0003, E[r] 1.849, mean length 2.32; relevance optimum copy mass 0.405, E[r]
+    # Measured: reference copy mass 0.0004, E[r] 1.849, mean length 2.32; relevance optimum copy mass 0.405, E[r]
     # 3.044, length 2.47; R3 optimum 0.145 (open-ended 0.285, constrained 0.005), E[r] 2.913, length 3.04.
     assert ref["copy"] < 1e-3
     assert rel["copy"] > 0.3  # the hack: copies take 40% of the mass, over 1,000 times the reference's
@@ -160,5 +162,13 @@ def test_ppo_moves_toward_its_reward_s_exact_optimum(tmp_path, rewards, reward):
         f"{before['outside']:.3f} -> {after['outside']:.3f}; last rollout's objective/relevance "
         f"{metrics['objective/relevance']:.3f}")
     MEASURED.append(f"  {describe('trained', after)}")
+    # Measured: relevance 41.2% of the reference's KL, E[r] 1.849 -> 2.859, mean length 2.32 -> 1.60 (60% of the mass
+    # on one word), copy mass 0.0004 -> 0.0004; R3 44.2%, E[r] 2.437, mean length 2.93, copy mass 0.002.
     assert after["kl_fraction"] < 0.5
-    assert after["reward"] > before["reward"] + 0.5
+    if reward == "relevance":  # the short answers of the hack
+        assert after["reward"] > before["reward"] + 0.8
+        assert after["mean_length"] < before["mean_length"] - 0.4
+    else:  # LI lengthens them; the reference-answer form leaves no copies
+        assert after["reward"] > before["reward"] + 0.4
+        assert after["mean_length"] > before["mean_length"] + 0.4
+        assert after["constrained"] < 0.02
