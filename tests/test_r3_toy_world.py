@@ -157,7 +157,7 @@ def test_ppo_moves_toward_its_reward_s_exact_optimum(tmp_path, rewards, reward):
     MEASURED.append(
         f"ppo_rlhf.py --reward {reward}, {NUM_ROLLOUTS} rollouts (beta={args.beta}): KL(pi|Y || pi*|Y) "
         f"{after['kl'] / after['kl_fraction']:.3f} -> {after['kl']:.3f} ({after['kl_fraction']:.1%} of the "
-        f"reference's); copy mass {before['copy']:.3f} -> {after['copy']:.3f} (pi* {target['copy']:.3f}); E[r] "
+        f"reference's); copy mass {before['copy']:.4f} -> {after['copy']:.4f} (pi* {target['copy']:.3f}); E[r] "
         f"{before['reward']:.3f} -> {after['reward']:.3f} (pi* {target['reward']:.3f}); mass outside Y "
         f"{before['outside']:.3f} -> {after['outside']:.3f}; last rollout's objective/relevance "
         f"{metrics['objective/relevance']:.3f}")
