@@ -1017,9 +1017,13 @@ def release_memory(device: torch.device) -> None:
 
 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_logps, rejected_logps), each (B,), from one forward over the 2B concatenated rows."""
+    """(chosen_logps, rejected_logps), each (B,), from one forward over the 2B concatenated rows. A pair of two equal
+    rows (online DPO samples them) gets one number for both, so that its h is exactly 0 and it gives no gradient."""
     sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
-    return sums.chunk(2)
+    chosen, rejected = sums.chunk(2)
+    (ids, other_ids), (targets, other_targets) = batch["input_ids"].chunk(2), batch["targets"].chunk(2)
+    same = (ids == other_ids).all(-1) & (targets == other_targets).all(-1)  # (B,)
+    return chosen, torch.where(same, chosen, rejected)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

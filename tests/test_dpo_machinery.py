@@ -115,6 +115,21 @@ def test_batched_logps_match_unbatched(logp_model, pad):
     assert counts.tolist() == [len(s) - start for s, start in seqs]
 
 
+def test_a_pair_of_equal_answers_has_h_exactly_0_and_no_gradient(logp_model):
+    """Online DPO samples pairs of two equal answers. Their log-probs, from two rows of one batch, may differ in the
+    last bits (chunking, row position); pair_logps gives both the same number, so h is 0, not rounding noise, and the
+    pair gives no gradient. A pair that differs keeps its two numbers."""
+    rows = random_rows(logp_model.config.vocab_size)
+    rows[0] = {**rows[0], "rejected": rows[0]["chosen"], "rejected_start": rows[0]["chosen_start"]}
+    batch = dpo.collate(rows, 0)
+    chosen, rejected = dpo.pair_logps(logp_model, batch)
+    losses, _, _ = dpo.dpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), beta=0.5)
+    assert chosen[0].item() == rejected[0].item() and (chosen[1:] != rejected[1:]).all()
+    logp_model.zero_grad()
+    losses[0].backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in logp_model.parameters())
+
+
 # --------------------------------------------------------------------------- 2. the prompt/response boundary
 @pytest.fixture(scope="module", params=[False, True], ids=["no-bos", "bos"])
 def bpe_tokenizer(request):
