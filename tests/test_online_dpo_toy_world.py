@@ -26,8 +26,9 @@ def test_online_dpo_moves_toward_the_judges_optimum(tmp_path, toy_reward_model):
     """The default run (beta 0.1, 200 rounds of 32 prompts, Bradley-Terry labels), against the session's reward model.
 
     Measured over seeds 1, 2, 3 (with a reward model from the same default run): KL to pi*_RM on Y 27.6%, 27.1% and
-    27.6% of the reference's; E[r] 1.849 -> 2.945, 3.038, 2.873; mass outside Y 0.015, 0.032, 0.023. The bound is the
-    worst seed plus the seeds' range, rounded up to a whole point: 29%. The mass outside Y stays under 5%.
+    27.6% of the reference's; E[r] 1.849 -> 2.945, 3.038, 2.873; mass outside Y 0.015, 0.032, 0.023. Seed 1 again,
+    after pair_logps and load_model changed in their last bits: 27.4%, E[r] 2.924, mass outside Y 0.035. The bound is
+    the worst seed plus the seeds' range, rounded up to a whole point: 29%. The mass outside Y stays under 5%.
     """
     args = online_dpo.Args(reward_model_path=toy_reward_model.path, output_dir=str(tmp_path / "online"),
                            logging_steps=10_000, eval_steps=0, device="cpu")
