@@ -453,7 +453,7 @@ def train(args: Args) -> dict:
         encoder, encoder_tokenizer = load_encoder(args.relevance_model, runtime.device)
     value_model = None
     if not rloo:  # a resumed run's own; else the reward model (InstructGPT) or the policy, with a new head
-        value_path = rm_path if (args.value_model_init or "reward_model") == "reward_model" and rm_path else policy_path
+        value_path = policy_path if args.value_model_init == "policy" or rm_path is None else rm_path
         value_model = load_model(os.path.join(policy_path, "value_model") if args.resume_from else value_path, args,
                                  runtime, trained=True, model_class=AutoModelForSequenceClassification, num_labels=1)
     eos_ids = eos_token_ids(policy, tokenizer)  # the tokenizer's eos and the model's own (a chat model's turn end)
