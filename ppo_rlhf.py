@@ -465,7 +465,7 @@ def train(args: Args) -> dict:
     train_queries, eval_queries = r3_queries(train_rows, args, "train"), r3_queries(eval_rows, args, "eval")
     check_log_probs(policy, train_prompts[0], max(1, len(train_prompts[0]) - 64), runtime)  # a known LM head
     rollouts = RolloutPrompts(train_prompts, args, runtime, samples_per_prompt=args.rloo_k if rloo else 1)
-    minibatches = Minibatches(rollouts.batch_size, args, runtime)
+    minibatches = Minibatches(rollouts.batch_size, args.num_ppo_epochs, args, runtime)
     total_steps = args.num_rollouts * args.num_ppo_epochs * minibatches.per_epoch  # optimizer steps
 
     @torch.no_grad()
@@ -1114,22 +1114,22 @@ class UpdateBatch:
 
 
 class Minibatches:
-    """The PPO minibatches of each rollout: num_ppo_epochs shuffles of the rollout (a generator seeded by the seed and
-    the rollout), each cut into minibatches of per_device_train_batch_size x processes x gradient_accumulation_steps
+    """The minibatches of each rollout: `epochs` shuffles of the rollout (a generator seeded by the seed and the
+    rollout), each cut into minibatches of per_device_train_batch_size x processes x gradient_accumulation_steps
     responses, one optimizer step each; every micro-batch of a minibatch is cut into equal parts, one per rank."""
 
-    def __init__(self, rollout_size: int, args, runtime: Runtime):
-        self.args, self.runtime, self.rollout_size = args, runtime, rollout_size
+    def __init__(self, rollout_size: int, epochs: int, args, runtime: Runtime):
+        self.args, self.runtime, self.rollout_size, self.epochs = args, runtime, rollout_size, epochs
         self.micro_size = args.per_device_train_batch_size * runtime.world  # one micro-batch over all ranks
         self.size = self.micro_size * args.gradient_accumulation_steps
         self.per_epoch = math.ceil(rollout_size / self.size)
-        self.per_rollout = args.num_ppo_epochs * self.per_epoch
+        self.per_rollout = epochs * self.per_epoch
 
     def of_rollout(self, rollout: int):
         """(the minibatch's rows, [this rank's UpdateBatch of each of its micro-batches]) of every update."""
         device, rank, world = self.runtime.device, self.runtime.rank, self.runtime.world
         shuffle = torch.Generator().manual_seed(self.args.seed * 1_000_003 + 3 * rollout + 2)
-        for _ in range(self.args.num_ppo_epochs):
+        for _ in range(self.epochs):
             order = torch.randperm(self.rollout_size, generator=shuffle).to(device)
             for m in range(self.per_epoch):
                 minibatch = order[m * self.size : (m + 1) * self.size]

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["dpo.py", "ipo.py", "slic_hf.py", "rrhf.py", "fdpo.py", "ppo_rlhf.py", "spin.py", "reward_model.py",
-           "kto.py", "sacpo.py", "online_dpo.py"]
+           "kto.py", "sacpo.py", "online_dpo.py", "grpo.py"]
 
 # Functions and classes that share a name but are meant to differ: the method itself, and each script's Args.
 METHOD_SPECIFIC = {"train", "Args"}

@@ -125,6 +125,12 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir, safety
         "online_dpo.py": (dict(num_rounds=3, per_device_train_batch_size=8, gradient_accumulation_steps=2,
                                forward_batch_size=6, eval_steps=2, learning_rate=1e-3),
                           ["--reward_model_path", str(base / "rm"), "--num_eval_prompts", "7", *CHUNKED]),
+        "grpo.py": (dict(num_rollouts=2, rollout_batch_size=4, num_generations=4, per_device_train_batch_size=6,
+                         gradient_accumulation_steps=2, forward_batch_size=6, num_iterations=2, eval_steps=1,
+                         learning_rate=1e-3),
+                    ["--loss_type", "dapo", "--epsilon_high", "0.28", "--filter_groups", "--reward_model_path",
+                     str(base / "rm"), "--reward_fn", "toy_world/world.py:grpo_reward", "--num_eval_prompts", "7",
+                     *CHUNKED]),
         "spin.py": (dict(num_iterations=2, per_device_train_batch_size=16, per_device_eval_batch_size=6,
                          per_device_generation_batch_size=10),
                     ["--dataset_name", str(sft_dir)]),
@@ -132,7 +138,7 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir, safety
 
 
 SCRIPTS = ["dpo.py", "ppo_rlhf.py", "spin.py", "ipo.py", "fdpo.py", "slic_hf.py", "rrhf.py", "reward_model.py",
-           "kto.py", "sacpo.py", "online_dpo.py"]
+           "kto.py", "sacpo.py", "online_dpo.py", "grpo.py"]
 RESUMED = ["dpo.py", "ppo_rlhf.py"]  # their FSDP2 runs save a checkpoint, and a third run resumes from it
 
 

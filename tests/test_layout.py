@@ -25,6 +25,7 @@ SCRIPTS = {
     "kto.py": ("kto_loss", 130, 350),
     "online_dpo.py": ("dpo_loss", 130, 400),  # samples and scores its pairs, as ppo_rlhf.py does
     "sacpo.py": ("dpo_loss", 130, 400),  # two stages on two datasets, and P-SACPO's merge
+    "grpo.py": ("grpo_token_losses", 180, 560),  # samples, scores and updates as ppo_rlhf.py's RLOO mode does
 }
 BANNER = "# Shared machinery: byte-identical in every script that has it (tests/test_copies_identical.py)."
 RULE = "# " + "=" * 118

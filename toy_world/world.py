@@ -85,6 +85,26 @@ def reward(prompt: str, words: tuple[str, ...] | None) -> float:
     return topic_score + sentiment + 2.0
 
 
+TOKENS = SPECIAL_TOKENS + WORDS  # the toy tokenizer's vocabulary, in id order (make_toy_world.py)
+
+
+def answer_words(ids: list[int]) -> tuple[str, ...] | None:
+    """The answer a sampled response's token ids spell: up to four words, then <|end|>; None (BOTTOM) otherwise."""
+    tokens = [TOKENS[i] if 0 <= i < len(TOKENS) else None for i in ids]
+    words = tokens[:-1]
+    if not tokens or tokens[-1] != "<|end|>" or len(words) > MAX_WORDS or any(w not in WORDS for w in words):
+        return None
+    return tuple(words)
+
+
+def grpo_reward(prompts: list, completions: list, completion_ids: list[list[int]], **kwargs) -> list[float]:
+    """The true reward r(x, y) as a verifiable reward function, with the signature of TRL's reward_funcs (grpo.py's
+    default --reward_fn). The answer is read from the token ids, so that a special token inside it or a missing
+    <|end|> is BOTTOM (reward 0), as in the exact enumeration, which decoded text would hide."""
+    questions = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+    return [reward(q, answer_words(ids)) for q, ids in zip(questions, completion_ids)]
+
+
 EXAGGERATIONS = ("very", "great", "awful")
 
 
