@@ -23,12 +23,12 @@ Deviations and options
 - `--filter_groups` drops groups whose rewards are all equal from the loss (DAPO's dynamic sampling, Sec. 3.2, without
   refilling the batch). `--mask_truncated_completions`: no loss on responses with no EOS (DAPO's overlong filtering).
 - std is the unbiased one, plus 1e-4 (TRL); `--scale_rewards batch` divides by the std over the whole rollout.
-- `--num_iterations` (mu) passes on each rollout; with 1 (DeepSeekMath's and TRL's default) rho = 1: no clipping.
+- `--num_iterations` (mu) passes on each rollout; with 1 (DeepSeekMath's, TRL's) rho = 1 up to rounding: no clip.
 
-Rewards: `--reward_fn file.py:name` or `module:name`, called as TRL calls reward_funcs: name(prompts=...,
-completions=..., completion_ids=..., **the dataset's other columns) -> one float per completion (a completion is
-text, or [{"role": "assistant", "content": text}] after a conversational prompt). `--reward_model_path`: a one-label
-*ForSequenceClassification on the policy's tokenizer. Both: their sum. Neither: toy_world/world.py:grpo_reward.
+Rewards: `--reward_fn file.py:name` or `module:name`, called as TRL calls reward_funcs (without trainer_state):
+name(prompts=..., completions=..., completion_ids=..., **the dataset's other columns) -> a float per completion, a
+text or [{"role": "assistant", "content": text}]. `--reward_model_path`: a one-label *ForSequenceClassification on
+the policy's tokenizer. Both: their sum. Neither: the toy world's true reward, toy_world/world.py:grpo_reward.
 
 Usage (real-model recipes: docs/real_models.md)
     python grpo.py                                    # the embedded toy world, scored by its true reward
@@ -36,11 +36,11 @@ Usage (real-model recipes: docs/real_models.md)
     python grpo.py --loss_type dapo --epsilon_high 0.28 --beta 0 --filter_groups --mask_truncated_completions  # DAPO
 
 Logged metrics (one dict per rollout; printed every --logging_steps, and to wandb with --track)
-    objective/score, objective/score_std       mean reward, and its mean std within a group
-    objective/kl, objective/entropy            mean sum_t k1_t (KL to pi_ref) and entropy per response
+    objective/score, objective/score_std       mean score (after --missing_eos_penalty; no KL), its std in a group
+    objective/kl, objective/entropy            mean sum_t k1_t (KL to pi_ref; with beta > 0) and entropy per response
     objective/zero_std_groups                  fraction of groups whose rewards are all equal (no advantage)
     loss/policy, policy/approxkl, policy/clipfrac_low, policy/clipfrac_high    the loss and the ratio's clipping
-    rollout/length, rollout/no_eos, train/lr, train/grad_norm, train/episodes, perf/tokens_per_sec, time/*
+    rollout/length, rollout/no_eos, train/lr, train/grad_norm, train/episodes, perf/*tokens_per_sec, time/*
     eval/score                                 mean reward of one sampled response per held-out prompt, with a table
 """
 
@@ -255,16 +255,18 @@ def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     return losses, low, high
 
 
-def loss_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> torch.Tensor:
+def loss_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int,
+                 counted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each token's weight in a batch's loss, sum_it w_it l_it (B, R); mask (B, R) the tokens that get a loss.
 
-    grpo: 1 / (N |o_i|); dr_grpo: 1 / (N L), L = max_completion_length; dapo: 1 / sum_i |o_i|. N counts the responses
-    with a token in the mask, so a filtered group or a masked truncated response weighs nothing and counts in no
-    normaliser. A batch cut into micro-batches gets the same loss from the whole batch's weights.
+    grpo: 1 / (N |o_i|); dr_grpo: 1 / (N L), L = max_completion_length; dapo: 1 / sum_i |o_i|. N is the number of
+    responses that count (B,), by default those with a token in the mask; as in TRL, a truncated response whose tokens
+    are masked still counts, a dropped group does not. A batch cut into micro-batches gets the same loss from the whole
+    batch's weights.
     """
     mask = mask.float()
     lengths = mask.sum(-1, keepdim=True)  # (B, 1) |o_i|
-    responses = (lengths > 0).sum().clamp(min=1)  # N
+    responses = (lengths[:, 0] > 0 if counted is None else counted).sum().clamp(min=1)  # N
     if loss_type == "grpo":
         return mask / lengths.clamp(min=1) / responses
     if loss_type == "dr_grpo":
@@ -293,8 +295,10 @@ def load_reward_function(spec: str):
         path = resolve_path(where)
         if not os.path.isfile(path):
             raise UsageError(f"--reward_fn {spec!r}: no file {path!r}")
-        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module_name = f"reward_fn_{os.path.splitext(os.path.basename(path))[0]}_{len(sys.modules)}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module  # as an import does: dataclasses and pickling look their module up there
         module_spec.loader.exec_module(module)
     else:
         sys.path.insert(0, os.getcwd())
@@ -315,17 +319,24 @@ def function_rewards(reward_fn, rows: list[dict], texts: list[str], ids: list[li
     prompts = [row["prompt"] for row in rows]
     completions = [[{"role": "assistant", "content": text}] if is_conversation(prompt) else text
                    for prompt, text in zip(prompts, texts)]
-    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "completions", "completion_ids")}
+    skip = ("prompt", "completion", "completions", "completion_ids")
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in skip}
     values = reward_fn(prompts=prompts, completions=completions, completion_ids=ids, **columns)
     name = getattr(reward_fn, "__name__", "the reward function")
-    if not isinstance(values, (list, tuple)) or len(values) != len(texts):
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or len(values) != len(texts):
+        size = f" of {len(values)}" if hasattr(values, "__len__") else ""
         raise UsageError(f"{name} should return a list of {len(texts)} floats, one per completion; it returned "
-                         f"{type(values).__name__}{f' of {len(values)}' if isinstance(values, (list, tuple)) else ''}")
+                         f"{type(values).__name__}{size}")
+    rewards = []
     for i, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UsageError(f"{name} returned {value!r} for completion {i} ({texts[i]!r}); rewards must be finite "
-                             "numbers")
-    return torch.tensor(values, dtype=torch.float32)
+        try:
+            rewards.append(float(value))  # a float, int, bool, numpy scalar or one-element tensor
+        except (TypeError, ValueError):
+            rewards.append(math.nan)
+        if not math.isfinite(rewards[-1]):
+            raise UsageError(f"{name} returned {value!r} for completion {i} ({texts[i]!r}); every completion needs a "
+                             "finite reward")
+    return torch.tensor(rewards, dtype=torch.float32)
 
 
 def response_logps(model, query, query_mask, response, response_mask, temperature: float,
@@ -380,6 +391,9 @@ def train(args: Args) -> dict:
     policy = load_model(policy_path, args, runtime, trained=True)
     ref_model = load_reference(args, runtime, policy) if args.beta else None
     reward_model = load_reward_model(args, runtime, tokenizer)[0] if args.reward_model_path else None
+    if not (args.reward_fn or args.reward_model_path or args.dataset_name == Args.dataset_name):
+        raise UsageError(f"--dataset_name {args.dataset_name!r} needs --reward_fn or --reward_model_path (the toy "
+                         "world's reward only scores the toy world's prompts)")
     use_fn = args.reward_fn or not args.reward_model_path
     reward_fn = load_reward_function(args.reward_fn or TOY_REWARD) if use_fn else None
     eos_ids = eos_token_ids(policy, tokenizer)  # the tokenizer's eos and the model's own (a chat model's turn end)
@@ -474,10 +488,9 @@ def train(args: Args) -> dict:
         # 6. group-relative advantages, one per response; the tokens that get a loss
         advantages = group_advantages(rewards, group_size, args.scale_rewards)  # (B,)
         uniform = uniform_groups(rewards, group_size)  # (n,) groups with no advantage
-        loss_mask = mask.clone()
-        if args.filter_groups:
-            loss_mask &= ~uniform.repeat_interleave(group_size)[:, None]
-        if args.mask_truncated_completions:
+        counted = ~uniform.repeat_interleave(group_size) if args.filter_groups else torch.ones_like(batch["has_eos"])
+        loss_mask = mask & counted[:, None]  # (B, R)
+        if args.mask_truncated_completions:  # no loss, but they still count among the step's responses
             loss_mask &= batch["has_eos"][:, None]
         beta_in_loss = args.beta if args.kl_in == "loss" else 0.0
 
@@ -486,7 +499,8 @@ def train(args: Args) -> dict:
         policy.train()
         for minibatch, micro_batches in minibatches.of_rollout(rollout):
             weights = torch.zeros(mask.shape, device=mask.device)  # each token's weight in the step's loss
-            weights[minibatch] = loss_weights(loss_mask[minibatch], args.loss_type, args.max_new_tokens)
+            weights[minibatch] = loss_weights(loss_mask[minibatch], args.loss_type, args.max_new_tokens,
+                                              counted[minibatch])
             n_tokens = loss_mask[minibatch].sum().clamp(min=1)
             for micro in micro_batches:
                 part = [batch[k][micro.rows] for k in ("query", "query_mask", "response", "mask")]

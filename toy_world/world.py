@@ -15,7 +15,9 @@ for the trained reference it is about 0.4%.
 
 The training scripts never import this module (each script is
 self-contained and reads the toy world only as an ordinary HF model and
-dataset on disk). The generator `make_toy_world.py` and the tests use it.
+dataset on disk); grpo.py loads `grpo_reward` from it, by its path, as the
+reward function of its default run. The generator `make_toy_world.py` and
+the tests use it.
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ def answer_words(ids: list[int]) -> tuple[str, ...] | None:
 
 
 def grpo_reward(prompts: list, completions: list, completion_ids: list[list[int]], **kwargs) -> list[float]:
-    """The true reward r(x, y) as a verifiable reward function, with the signature of TRL's reward_funcs (grpo.py's
-    default --reward_fn). The answer is read from the token ids, so that a special token inside it or a missing
-    <|end|> is BOTTOM (reward 0), as in the exact enumeration, which decoded text would hide."""
+    """The true reward r(x, y) as a verifiable reward function, with the signature of TRL's reward_funcs (what grpo.py
+    scores the toy world with when given no --reward_fn or reward model). The answer is read from the token ids, so
+    that a special token inside it or a missing <|end|> is BOTTOM (reward 0), as in the exact enumeration, which
+    decoded text would hide."""
     questions = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
     return [reward(q, answer_words(ids)) for q, ids in zip(questions, completion_ids)]
 
