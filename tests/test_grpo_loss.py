@@ -115,6 +115,6 @@ def test_a_masked_response_that_counts_stays_in_n():
     grpo_expected = [1 / 8, 1 / 8, 0, 1 / 12, 1 / 12, 1 / 12, 0, 0, 0, 1 / 4, 0, 0]
     assert loss_weights(MASK, "grpo", 5, counted).flatten().tolist() == pytest.approx(grpo_expected, abs=1e-7)
     assert loss_weights(MASK, "dr_grpo", 5, counted).flatten().tolist() == pytest.approx(
-        [x and 1 / 20 for x in MASK.flatten().tolist()], abs=1e-7)
+        [x / 20 for x in MASK.flatten().tolist()], abs=1e-7)
     assert loss_weights(MASK, "dapo", 5, counted).flatten().tolist() == pytest.approx(
-        [x and 1 / 6 for x in MASK.flatten().tolist()], abs=1e-7)
+        [x / 6 for x in MASK.flatten().tolist()], abs=1e-7)
