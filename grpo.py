@@ -383,6 +383,9 @@ def reward_scores(model, query, query_mask, response, response_mask) -> torch.Te
 def train(args: Args) -> dict:
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
     group_size, epsilon_high = args.num_generations, args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if not (args.reward_fn or args.reward_model_path or args.dataset_name == Args.dataset_name):
+        raise UsageError(f"--dataset_name {args.dataset_name!r} needs --reward_fn or --reward_model_path (the toy "
+                         "world's reward only scores the toy world's prompts)")
 
     # ---- models: the policy, the frozen reference (none when beta = 0), the reward function and/or reward model
     policy_path = resolve_path(args.resume_from or args.model_name_or_path)
@@ -391,9 +394,6 @@ def train(args: Args) -> dict:
     policy = load_model(policy_path, args, runtime, trained=True)
     ref_model = load_reference(args, runtime, policy) if args.beta else None
     reward_model = load_reward_model(args, runtime, tokenizer)[0] if args.reward_model_path else None
-    if not (args.reward_fn or args.reward_model_path or args.dataset_name == Args.dataset_name):
-        raise UsageError(f"--dataset_name {args.dataset_name!r} needs --reward_fn or --reward_model_path (the toy "
-                         "world's reward only scores the toy world's prompts)")
     use_fn = args.reward_fn or not args.reward_model_path
     reward_fn = load_reward_function(args.reward_fn or TOY_REWARD) if use_fn else None
     eos_ids = eos_token_ids(policy, tokenizer)  # the tokenizer's eos and the model's own (a chat model's turn end)
