@@ -90,14 +90,16 @@ def inputs(tmp_path_factory, data_dir, sft_dir, ranked_dir, unpaired_dir, safety
     train on (6 held out, a tenth), so the last micro-batch of an epoch (9 pairs) leaves one rank a stand-in row and is
     shorter than the other micro-batch of its step. sacpo.py runs both stages (the second against the first's result,
     which rank 0 saved) and merges them. online_dpo.py splits each round's prompts over the ranks, which share the pairs
-    they sampled, scored and labelled. slic_hf.py runs with gradient checkpointing, and rrhf.py rescores its responses
-    with a reward model split over the ranks. kto.py's z0 is a mean over both ranks' rows. dpo.py, slic_hf.py,
-    ppo_rlhf.py, kto.py and online_dpo.py score log-probs in chunks of 7 positions (--logp_chunk_tokens), each
-    recomputed in the backward pass, under DDP and FSDP2 alike. Not spin.py: its opponent's log-probs come from other
-    batches than the policy's, so at step 1 (h = 0 up to rounding) a row falls in chunks of other sizes in the two, and
-    on this CPU the LM head's matmul rounds some row counts differently from others (1, 2, 3, 6 or 33 rows against 200:
-    ~1e-7): the sign of the margin, and so rewards/accuracy, is then rounding noise. (A held reference scores the same
-    batch as the policy, in the same chunks, so dpo.py's h is exactly 0 at step 1.)"""
+    they sampled, scored and labelled. grpo.py runs DAPO's options (the token-level loss over a step's responses on both
+    ranks, clip-higher, the group filter), 2 passes a rollout, scored by a reward model plus the toy reward function.
+    slic_hf.py runs with gradient checkpointing, and rrhf.py rescores its responses with a reward model split over the
+    ranks. kto.py's z0 is a mean over both ranks' rows. dpo.py, slic_hf.py, ppo_rlhf.py, kto.py, online_dpo.py and
+    grpo.py score log-probs in chunks of 7 positions (--logp_chunk_tokens), each recomputed in the backward pass, under
+    DDP and FSDP2 alike. Not spin.py: its opponent's log-probs come from other batches than the policy's, so at step 1
+    (h = 0 up to rounding) a row falls in chunks of other sizes in the two, and on this CPU the LM head's matmul rounds
+    some row counts differently from others (1, 2, 3, 6 or 33 rows against 200: ~1e-7): the sign of the margin, and so
+    rewards/accuracy, is then rounding noise. (A held reference scores the same batch as the policy, in the same chunks,
+    so dpo.py's h is exactly 0 at step 1.)"""
     base = tmp_path_factory.mktemp("dist")
     head(TOY / "pairs" / "train.jsonl", base / "pairs63.jsonl", 63)
     torch.manual_seed(0)  # a reward model for PPO: the toy model with a random head (any scalar scorer will do here)
