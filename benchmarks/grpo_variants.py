@@ -47,10 +47,11 @@ VARIANTS = {
     "k1 in the reward, dr_grpo, no std": ("reward", "dr_grpo", "none", False),
     "k1 in the reward, dapo, group std, filter": ("reward", "dapo", "group", True),
     "GRPO (k3 in the loss, grpo, group std)": ("loss", "grpo", "group", False),
-    "k3 in the loss, grpo, batch std": ("loss", "grpo", "batch", False),
     "k3 in the loss, grpo, no std": ("loss", "grpo", "none", False),
     "Dr. GRPO with beta > 0 (k3, dr_grpo, no std)": ("loss", "dr_grpo", "none", False),
     "DAPO with beta > 0 (k3, dapo, group std, filter)": ("loss", "dapo", "group", True),
+    "k3 in the loss, dapo, group std, no filter": ("loss", "dapo", "group", False),
+    "k3 in the loss, dr_grpo, group std": ("loss", "dr_grpo", "group", False),
 }
 TOY_RUNS = {  # name -> grpo.py flags (beyond --beta 0.5 --num_rollouts 300)
     "k1 in the reward, no std (pi* is its fixed point)": dict(kl_in="reward", scale_rewards="none"),
@@ -127,6 +128,7 @@ def toy_run(name: str) -> dict:
                 lambda p: world.summarize(optimum[p], world.reward_vector(p))["entropy"]),
             "length": mean_over_prompts(lambda p: np.exp(toy.on_answers(policy[p])) @ lengths),
             "length_below_2": mean_over_prompts(lambda p: conditional_length(policy[p], world.reward_vector(p) < 2)),
+            "mass_below_2": mean_over_prompts(lambda p: np.exp(policy[p][:-1]) @ (world.reward_vector(p)[:-1] < 2)),
             "reference_length_below_2": mean_over_prompts(
                 lambda p: conditional_length(reference[p], world.reward_vector(p) < 2)),
             "optimum_length": mean_over_prompts(lambda p: np.exp(toy.on_answers(optimum[p])) @ lengths),
@@ -158,6 +160,10 @@ def main() -> None:
                           f"{mean['reference_kl_to_optimum']:8.4f} {mean['reward']:7.4f} {mean['optimum_reward']:7.4f} "
                           f"{mean['length']:6.3f} "
                           f"{mean['optimum_length']:6.3f}  max update norm {max(p['update_norm'] for p in rows):.0e}")
+                    ratios = sorted(p["kl_to_optimum"] / p["reference_kl_to_optimum"] for p in rows)
+                    print(f"{'':50s}   per seed, KL(pi||pi*) / KL(pi_ref||pi*): "
+                          + ", ".join(f"{r:.3g}" for r in ratios)
+                          + f"; max KL(pi||pi*) {max(p['kl_to_optimum'] for p in rows):.2e}")
         if only in (None, "toy"):
             names = [n for n in TOY_RUNS if not runs or any(r in n for r in runs)]
             done = {row["run"]: row for row in results.get("toy", [])}
@@ -169,7 +175,8 @@ def main() -> None:
                       f"(pi* {row['optimum_reward']:.3f}) entropy {row['entropy']:.2f} "
                       f"(pi* {row['optimum_entropy']:.2f}) length {row['length']:.2f} "
                       f"(pi* {row['optimum_length']:.2f}; r < 2: {row['length_below_2']:.2f}, pi_ref "
-                      f"{row['reference_length_below_2']:.2f}) outside Y {row['mass_outside_y']:.3f}")
+                      f"{row['reference_length_below_2']:.2f}, mass {row.get('mass_below_2', float('nan')):.4f}) "
+                      f"outside Y {row['mass_outside_y']:.3f}")
     path.write_text(json.dumps(results, indent=1) + "\n")
 
 
