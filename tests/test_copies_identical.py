@@ -58,19 +58,26 @@ def body_statements(source: str) -> dict[str, list[str]]:
 def renamed_copies(sources: dict[str, str], exempt: set[str]) -> list[str]:
     """'a.py:f ~ b.py:g' for each pair of differently named functions whose bodies are ALIKE or more the same: one
     helper kept under two names, in one script or across two."""
-    bodies = [(f"{script}:{name}", statements) for script, text in sources.items()
-              for name, statements in body_statements(text).items() if name not in exempt]
+    bodies: dict[tuple, list[str]] = {}  # each distinct body once: the shared helpers repeat in every script
+    for script, text in sources.items():
+        for name, statements in body_statements(text).items():
+            if name not in exempt:
+                bodies.setdefault(tuple(statements), []).append(f"{script}:{name}")
     problems = []
-    for (a, body_a), (b, body_b) in itertools.combinations(bodies, 2):
-        if a.split(":")[1] != b.split(":")[1] and difflib.SequenceMatcher(None, body_a, body_b).ratio() >= ALIKE:
-            problems.append(f"{a} ~ {b}")
+    for labels in bodies.values():  # one body, several labels
+        problems += [f"{a} ~ {b}" for a, b in itertools.combinations(labels, 2) if a.split(":")[1] != b.split(":")[1]]
+    for (body_a, labels_a), (body_b, labels_b) in itertools.combinations(bodies.items(), 2):
+        pairs = [(a, b) for a in labels_a for b in labels_b if a.split(":")[1] != b.split(":")[1]]
+        matcher = difflib.SequenceMatcher(None, body_a, body_b)
+        # real_quick_ratio and quick_ratio bound ratio from above, for a fraction of its cost
+        if pairs and min(matcher.real_quick_ratio(), matcher.quick_ratio()) >= ALIKE and matcher.ratio() >= ALIKE:
+            problems += [f"{a} ~ {b}" for a, b in pairs]
     return sorted(problems)
 
 
 def lm_head_callers(source: str) -> set[str]:
     """The top-level functions that apply a model's output embeddings (its LM head) themselves."""
-    return {node.name for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-            and "get_output_embeddings" in ast.unparse(node)}
+    return {name for name, text in top_level_functions(source).items() if "get_output_embeddings" in text}
 
 
 def present() -> dict[str, str]:
