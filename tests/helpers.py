@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -156,3 +157,16 @@ def newton_minimise(loss, theta: torch.Tensor, tol: float = 1e-13) -> torch.Tens
             return theta
         theta = theta - torch.linalg.pinv(torch.autograd.functional.hessian(loss, theta), hermitian=True) @ grad
     raise AssertionError(f"Newton did not converge: gradient {grad.abs().max():.1e}")
+
+
+def help_text(script: str, monkeypatch, capsys) -> str:
+    """What `python script --help` prints, from the script's own `__main__` block run in this process (a fresh
+    interpreter would spend seconds importing); its exit status must be 0."""
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.setenv("COLUMNS", "160")
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert info.value.code == 0
+    return capsys.readouterr().out

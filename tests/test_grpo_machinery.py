@@ -6,15 +6,13 @@ byte-identical copies (test_copies_identical.py), tested with that script. Every
 """
 
 import json
-import runpy
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grpo
-from helpers import ROOT, TOY_EOS, assert_same_weights, cached_runner
+from helpers import TOY_EOS, assert_same_weights, cached_runner, help_text
 
 # 4 prompts x 4 responses a rollout; 2 passes of 2 minibatches of 8, each one step of 2 micro-batches of 4
 BASE_ARGS = dict(num_rollouts=4, save_steps=2, rollout_batch_size=4, num_generations=4, num_iterations=2,
@@ -165,13 +163,7 @@ def test_a_dataset_of_its_own_needs_a_reward(toy_dirs):
 
 
 def test_help_lists_the_method_flags(monkeypatch, capsys):
-    """The script's own `__main__` block, run in this process (a fresh interpreter would spend seconds importing)."""
-    monkeypatch.setattr(sys, "argv", ["grpo.py", "--help"])
-    monkeypatch.setenv("COLUMNS", "160")
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(ROOT / "grpo.py"), run_name="__main__")
-    assert info.value.code == 0
-    out = capsys.readouterr().out
+    out = help_text("grpo.py", monkeypatch, capsys)
     for flag in ("--num_generations", "--loss_type", "--scale_rewards", "--beta", "--kl_in", "--epsilon",
                  "--epsilon_high", "--filter_groups", "--mask_truncated_completions", "--reward_fn",
                  "--reward_model_path", "--num_iterations"):

@@ -8,7 +8,6 @@ head made from it (conftest's toy_dirs), so no test depends on a trained reward 
 """
 
 import json
-import runpy
 import subprocess
 import sys
 from dataclasses import asdict
@@ -29,7 +28,16 @@ from transformers import (
 )
 
 import ppo_rlhf as ppo
-from helpers import CONFIGS, ROOT, TINY, assert_same_weights, cached_runner, relative_gap, wandb_offline_log
+from helpers import (
+    CONFIGS,
+    ROOT,
+    TINY,
+    assert_same_weights,
+    cached_runner,
+    help_text,
+    relative_gap,
+    wandb_offline_log,
+)
 
 # --------------------------------------------------------------------------- shared fixtures
 # 8 prompts a rollout in chunks of 3 (so chunks stop generating at different widths), 2 minibatches of 2 micro-batches
@@ -363,13 +371,7 @@ def test_track_logs_metrics_and_sample_table_to_wandb_offline(train_run, tmp_pat
 
 # --------------------------------------------------------------------------- 5. the command line
 def test_help_lists_the_method_flags(monkeypatch, capsys):
-    """The script's own `__main__` block, run in this process (a fresh interpreter would spend seconds importing)."""
-    monkeypatch.setattr(sys, "argv", ["ppo_rlhf.py", "--help"])
-    monkeypatch.setenv("COLUMNS", "160")
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(ROOT / "ppo_rlhf.py"), run_name="__main__")
-    assert info.value.code == 0
-    out = capsys.readouterr().out
+    out = help_text("ppo_rlhf.py", monkeypatch, capsys)
     for flag in ("--beta", "--kl_estimator", "--advantage_estimator", "--rloo_k", "--missing_eos_penalty",
                  "--value_model_init", "--reward", "--relevance_model", "--query_type_column", "--reference_column"):
         assert flag in out
