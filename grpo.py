@@ -14,16 +14,16 @@ the clipped surrogate plus beta times the k3 estimate of the KL to pi_ref at eac
     grpo     (1/N) sum_i (1/|o_i|) sum_t l_it     DeepSeekMath: each response weighs the same
     dr_grpo  (1/(N L)) sum_i sum_t l_it           Dr. GRPO: L = --max_new_tokens, a constant; with --scale_rewards none
     dapo     (1 / sum_i |o_i|) sum_i sum_t l_it   DAPO Eq. 12: each token weighs the same; with --epsilon_high 0.28
-With the KL in the loss none of them converges to pi* = pi_ref exp(r/beta) / Z, the optimum of E[r] - beta KL[pi ||
-pi_ref] (docs/grpo.md: their fixed points, exact on a bandit). `--kl_in reward` subtracts beta sum_t k1_t (k1 = log
-pi/pi_ref) from each response's reward instead, as PPO does: then pi* is the fixed point of every variant.
+Fixed points (exact: docs/grpo.md). With the KL in the loss none is pi* = pi_ref exp(r/beta) / Z, the optimum of E[r]
+- beta KL[pi || pi_ref]: k3's gradient is a forward KL's (one token, no std: argmax E[r] - beta G/(G-1) KL[pi_ref ||
+pi]), and std scaling weighs r by 1/std against beta. `--kl_in reward` puts beta sum_t k1_t (k1 = log pi/pi_ref) in
+each reward instead, as PPO does: pi* is then every variant's fixed point. Normalisers span a step's responses (TRL).
 
 Deviations and options
-- Normalisers span the optimizer step's responses on every process, as TRL's; the papers write one per group.
 - `--filter_groups` drops groups whose rewards are all equal from the loss (DAPO's dynamic sampling, Sec. 3.2, without
   refilling the batch). `--mask_truncated_completions`: no loss on responses with no EOS (DAPO's overlong filtering).
-- std is the unbiased one, plus 1e-4 (TRL); `--scale_rewards batch` divides by the std over the whole rollout.
-- `--num_iterations` (mu) passes on each rollout; with 1 (DeepSeekMath's, TRL's) rho = 1 up to rounding: no clip.
+- std: unbiased, plus 1e-4 (TRL); `--scale_rewards batch`: the rollout's. `--num_iterations` (mu) passes a rollout;
+  with 1 (DeepSeekMath's, TRL's) and one step a rollout, rho = 1 up to rounding: the clip never acts.
 
 Rewards: `--reward_fn file.py:name` or `module:name`, called as TRL calls reward_funcs (without trainer_state):
 name(prompts=..., completions=..., completion_ids=..., **the dataset's other columns) -> a float per completion, a
