@@ -117,7 +117,8 @@ class Args:
     epsilon_high: Optional[float] = None
     """eps_high: the ratio is clipped above at 1 + epsilon_high (None: epsilon; DAPO's clip-higher uses 0.28)"""
     filter_groups: bool = False
-    """drop from the loss the groups whose rewards are all equal (DAPO's dynamic sampling, without refilling)"""
+    """drop from the loss the groups whose rewards are all equal (DAPO's dynamic sampling, without refilling); with
+    --kl_in reward the rewards carry the KL, so they are seldom equal"""
     mask_truncated_completions: bool = False
     """give no loss to a response with no EOS within max_new_tokens (DAPO's overlong filtering)"""
     missing_eos_penalty: float = 0.0
