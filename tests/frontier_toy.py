@@ -110,15 +110,18 @@ def reward_model_optimum(reference: dict[str, np.ndarray], scores: dict[str, np.
 
 
 def distinct_n(policy: dict[str, np.ndarray], samples: int = 64, seed: int = 0) -> dict[str, float]:
-    """Per-prompt distinct-1 and distinct-2 (distinct n-grams / all n-grams) over `samples` answers drawn exactly from
-    the policy, averaged over prompts. A draw of BOTTOM counts as one word of its own, "<bottom>"."""
+    """Per-prompt distinct-1 and distinct-2 (distinct n-grams / all n-grams, Li et al. 2016) over `samples` answers
+    drawn exactly from the policy, and the fraction of distinct answers among them, averaged over prompts. A draw of
+    BOTTOM counts as one word of its own, "<bottom>". An empty answer has no n-grams: a policy that mostly answers
+    nothing is scored on its few other answers, which distinct_answers shows."""
     rng = np.random.default_rng(seed)
     answers = [*world.RESPONSES, ("<bottom>",)]
-    out = {"distinct_1": [], "distinct_2": []}
+    out = {"distinct_1": [], "distinct_2": [], "distinct_answers": []}
     for p in PROMPTS:
         probs = np.exp(policy[p])
         drawn = rng.choice(len(answers), size=samples, p=probs / probs.sum())
         for n, key in ((1, "distinct_1"), (2, "distinct_2")):
             grams = [tuple(answers[i][k : k + n]) for i in drawn for k in range(len(answers[i]) - n + 1)]
             out[key].append(len(set(grams)) / len(grams) if grams else 0.0)
+        out["distinct_answers"].append(len(set(drawn.tolist())) / samples)
     return {k: float(np.mean(v)) for k, v in out.items()}

@@ -78,11 +78,12 @@ def test_each_curve_optimum_meets_its_own_condition(reference):
 
 def test_distinct_n_by_hand():
     """All mass on "great food": 64 identical answers hold 128 words (2 distinct) and 64 bigrams (1 distinct).
-    Half on "great food", half on "food great", 64 draws: 2 distinct words, and 2 distinct bigrams out of 64."""
+    Half on "great food", half on "food great", 64 draws: 2 distinct words, and 2 distinct bigrams out of 64 (both
+    answers are drawn at every prompt: the chance that one is missing from 64 draws is 2^-63)."""
     one = {p: np.full(len(world.RESPONSES) + 1, -np.inf) for p in world.PROMPTS}
     two = {p: np.full(len(world.RESPONSES) + 1, -np.inf) for p in world.PROMPTS}
     for p in world.PROMPTS:
         one[p][world.RESPONSE_INDEX[("great", "food")]] = 0.0
         two[p][world.RESPONSE_INDEX[("great", "food")]] = two[p][world.RESPONSE_INDEX[("food", "great")]] = np.log(0.5)
-    assert ft.distinct_n(one) == {"distinct_1": 2 / 128, "distinct_2": 1 / 64}
-    assert ft.distinct_n(two) == {"distinct_1": 2 / 128, "distinct_2": 2 / 64}
+    assert ft.distinct_n(one) == {"distinct_1": 2 / 128, "distinct_2": 1 / 64, "distinct_answers": 1 / 64}
+    assert ft.distinct_n(two) == {"distinct_1": 2 / 128, "distinct_2": 2 / 64, "distinct_answers": 2 / 64}
