@@ -1,7 +1,8 @@
 """One map of every method: each trained policy as a point on the exact reward-KL plane of the toy world, beside the
 frontier no policy can pass, with its entropy and diversity.
 
-    python benchmarks/frontier.py              # trains every method (two at a time): about 20 min on 2 cores
+    python benchmarks/frontier.py              # trains every method (two at a time): about 15 min on 2 cores
+    python benchmarks/frontier.py --remeasure  # measures the policies it cached in the temp dir again: about 1 min
     python benchmarks/frontier.py --plot_only  # re-draws docs/frontier.png from benchmarks/frontier.json
 
 Every script runs with its defaults on the toy world (seed 1), at the settings RUNS lists; ppo_rlhf.py and online_dpo.py
@@ -11,9 +12,10 @@ the 8 prompts), the entropy, the mass outside Y, per-prompt distinct-1 and disti
 from the policy, and F(KL), the frontier's reward at the point's KL: the most any policy can have there.
 
 Drawn over the points (left panel: E[r] against KL; right: entropy against KL):
-- the frontier, pi_ref exp(r/beta) / Z over beta;
+- the frontier, pi_ref exp(r/beta) / Z over beta; past its end (all the mass on the best answers) F = max r, and the
+  entropy panel continues with the policies that have all the reward and the most entropy at each KL;
 - the forward-KL and alpha = 0.5 optima on Y (f-DPO's targets), and IPO's optimum on Y, over beta;
-- the reward model's optimum on Y, pi_ref exp(r_RM/beta) / Z, measured with the true r: the target of the methods
+- the reward model's optimum on Y, pi_ref(.|Y) exp(r_RM/beta) / Z, measured with the true r: the target of the methods
   that learn from the reward model (PPO, RLOO, online DPO).
 Writes benchmarks/frontier.json and docs/frontier.png (matplotlib, a benchmark-only dependency); docs/frontier.md
 reads them.
@@ -84,9 +86,11 @@ def measure(name: str, policy: dict) -> dict:
     reference = toy.reference_logprobs()
     f = ft.point(policy, reference)
     f["frontier"], f["frontier_beta"] = ft.frontier_at(f["kl"], reference)
-    # the entropy of the frontier's policy at this KL: what maximising reward alone costs in diversity there (past the
-    # frontier's end, the policy at its end: pi_ref on the best answers, beta -> 0)
-    f["frontier_entropy"] = ft.point(ft.reverse_optimum(reference, f["frontier_beta"] or 1e-4), reference)["entropy"]
+    # the entropy of the reward-optimal policy at this KL; past the frontier's end, where many policies have all the
+    # reward, the most entropy any of them has at this KL
+    optimal = (ft.point(ft.reverse_optimum(reference, f["frontier_beta"]), reference) if f["frontier_beta"] > 0
+               else ft.past_the_end(f["kl"], reference))
+    f["frontier_entropy"] = optimal["entropy"]
     script, overrides, subdir, _ = RUNS[name]
     return {"name": name, "script": f"{script}.py", "flags": overrides, "measured": subdir or "output_dir", **f,
             **ft.distinct_n(policy, SAMPLES)}
@@ -130,7 +134,17 @@ def curves(reward_model_path: str) -> dict:
               "reward model's optimum on Y": ft.reward_model_optimum(reference, scores)}
     out = {name: ft.curve(optimum, CURVE_BETAS, reference) for name, optimum in optima.items()}
     out["reference"] = {**ft.point(reference, reference), **ft.distinct_n(reference, SAMPLES)}
-    return out
+    return out | past_the_end_curve()
+
+
+def past_the_end_curve() -> dict:
+    """Past the frontier's end: all the reward, and the most entropy at each KL (pi_ref^t on the best answers)."""
+    import frontier_toy as ft
+    import toy
+
+    reference = toy.reference_logprobs()
+    return {"past the end": [{"t": float(t), **ft.point(ft.best_answers_policy(reference, t), reference)}
+                             for t in np.linspace(1, 0, 21)]}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -145,16 +159,23 @@ def plot(results: dict, path: Path) -> None:
               "IPO optimum on Y": dict(color="C4", ls=(0, (5, 2, 1, 2))),
               "reward model's optimum on Y": dict(color="C1", ls="--")}
     for name, points in results["curves"].items():
-        if name == "reference":
+        if name in ("reference", "past the end"):
             continue
         xs = [p["kl"] for p in points]
         axes[0].plot(xs, [p["reward"] for p in points], label=name, **styles[name])
         axes[1].plot(xs, [p["entropy"] for p in points], label=name, **styles[name])
+    # past the frontier's end: F = max r, and the most entropy a policy with all the reward has at each KL
+    end = results["curves"]["past the end"]
+    right = 1.1 * max([p["kl"] for p in results["points"]] + [end[-1]["kl"]])
+    frontier = styles["frontier (π_ref exp(r/β)/Z)"]
+    axes[0].plot([end[0]["kl"], right], [end[0]["reward"]] * 2, **frontier)
+    axes[1].plot([p["kl"] for p in end] + [right], [p["entropy"] for p in end] + [end[-1]["entropy"]], **frontier)
     ref = results["curves"]["reference"]
     for ax, key in ((axes[0], "reward"), (axes[1], "entropy")):
         ax.scatter([ref["kl"]], [ref[key]], marker="*", s=120, color="gray", zorder=4, label="π_ref")
         for i, p in enumerate(results["points"]):
-            ax.scatter([p["kl"]], [p[key]], color=f"C{i % 10}", marker="os^Dv<>ph"[i % 9], zorder=5, label=p["name"])
+            ax.scatter([p["kl"]], [p[key]], color=plt.cm.tab20(i % 20), marker="os^Dv<>ph"[i % 9], zorder=5,
+                       edgecolors="k", linewidths=0.4, label=p["name"])
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("KL(π ‖ π_ref), nats (mean over prompts)")
     axes[0].set_ylabel("true E[r]")
@@ -176,11 +197,14 @@ def main() -> None:
     cli = parser.parse_args()
     path = Path(cli.out)
     results = json.loads(path.read_text()) if path.exists() else {}
+    if cli.remeasure and "points" not in results:
+        parser.error("--remeasure needs benchmarks/frontier.json from a full run")
     if cli.remeasure:
         os.environ.setdefault("TOY_REFERENCE_LOGPROBS", str(CACHE / "reference.npz"))
         for p in results["points"]:
             with np.load(policy_file(p["name"])) as saved:
                 p.update(measure(p["name"], {k: saved[k] for k in saved.files}))
+        results["curves"].update(past_the_end_curve())
         path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     elif not cli.plot_only:
         shared = tempfile.mkdtemp()

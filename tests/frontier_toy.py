@@ -2,7 +2,8 @@
 
 A policy is a point: x = KL(pi || pi_ref) and y = E_pi[r], each the mean over the 8 toy prompts, with outcomes Y and
 BOTTOM (everything the model can emit outside Y, reward 0) as toy.exact_logprobs gives them. BOTTOM lumps many
-outcomes; on that coarser space a policy's KL can only shrink, and the bound below holds there too.
+outcomes. r is 0 on all of them, so Z is the same on the lumped space and the bound below holds there; a policy's KL
+and entropy there are lower bounds of its true ones (which matters only for policies with mass outside Y).
 
 The frontier: pi_beta = pi_ref exp(r/beta) / Z_beta, one beta for every prompt, maximises the mean of
 E_pi[r] - beta KL(pi || pi_ref) over all policies. So for any policy and any beta > 0,
@@ -68,6 +69,35 @@ def log_partition(reference: dict[str, np.ndarray], beta: float) -> float:
 def upper_bound(kl_value: float, reference: dict[str, np.ndarray], beta: float) -> float:
     """beta mean log Z_beta + beta KL: no policy with that KL has more reward, for any beta > 0."""
     return beta * log_partition(reference, beta) + beta * kl_value
+
+
+def best_answers_policy(reference: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
+    """pi proportional to pi_ref^t on each prompt's best answers (r = max r), 0 elsewhere: every such policy has all
+    the reward. t = 1 is the frontier's end (pi_ref on the best answers); t = 0 is uniform on them. Of all the
+    policies with all the reward, these have the most entropy at their KL (the Lagrangian of entropy against KL gives
+    log pi = t log pi_ref + c)."""
+    out = {}
+    for p in PROMPTS:
+        best = REWARDS[p] == REWARDS[p].max()
+        logits = np.where(best, t * reference[p], -np.inf)
+        out[p] = logits - np.logaddexp.reduce(logits[best])
+    return out
+
+
+def past_the_end(kl_value: float, reference: dict[str, np.ndarray], iterations: int = 100) -> dict[str, float]:
+    """Beyond the frontier's end every policy may have all the reward; point() of the one with the most entropy at
+    that KL, best_answers_policy at the t whose KL it is (one t for every prompt, as the constraint is on the mean KL;
+    the KL rises as t falls), or at t = 0 past uniform's KL."""
+    if point(best_answers_policy(reference, 0.0), reference)["kl"] <= kl_value:
+        return point(best_answers_policy(reference, 0.0), reference)
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if point(best_answers_policy(reference, mid), reference)["kl"] > kl_value:
+            low = mid
+        else:
+            high = mid
+    return point(best_answers_policy(reference, (low + high) / 2), reference)
 
 
 def frontier_at(kl_value: float, reference: dict[str, np.ndarray], iterations: int = 100) -> tuple[float, float]:
