@@ -13,10 +13,8 @@ pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x) (Eq. 4); Z cancels in h, so no re
 Deviations and options
 - `--label_smoothing eps` gives conservative DPO (cDPO), which takes each label to be flipped with probability eps:
   -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). 0, the default, is the paper's loss.
-- `--rpo_alpha a` adds RPO's term (Pang et al. 2024, arXiv:2404.19733): a times the chosen answer's negative
-  log-likelihood per token, -log pi(y_w|x) / |y_w|. It holds the chosen answers' likelihood up, and with it the mass
-  DPO can leave on answers outside the data, at the price of moving the minimiser off pi* toward the chosen answers.
-  TRL takes the NLL as a token mean over the batch; here it is per pair. 0, the default, is the paper's loss.
+- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's is a token mean over the
+  batch): it keeps mass on the chosen answers, off answers outside the data, and so moves the minimiser off pi*.
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. h is unchanged (they cancel).
 
@@ -25,11 +23,11 @@ Usage
     python dpo.py --beta 0.1 --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 5e-7 \\
         --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_length 1024 \\
-        --precompute_ref_logps --gradient_checkpointing --output_dir runs/dpo-qwen
+        --precompute_ref_logps --gradient_checkpointing
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
     train/loss                  mean DPO (or cDPO) loss, with the RPO term where --rpo_alpha
-    train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (the implicit reward)
+    train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (DPO's implicit reward)
     train/rewards/rejected      the same for the rejected response
     train/rewards/margin        chosen minus rejected reward (= beta * h)
     train/rewards/accuracy      fraction of pairs with margin > 0
@@ -96,7 +94,7 @@ class Args:
     label_smoothing: float = 0.0
     """cDPO epsilon: the assumed probability that a preference label is flipped (0 = DPO)"""
     rpo_alpha: float = 0.0
-    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0 = DPO)"""
+    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: the paper's loss)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
@@ -144,7 +142,7 @@ class Args:
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32. Without LoRA
-    a bf16 reference puts h off 0 at step 0 (mean |h| 0.008 nats on the toy model, at most 0.03)"""
+    a bf16 reference puts h off 0 at step 0, by how much: docs/real_models.md"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -230,10 +228,10 @@ def train(args: Args) -> dict:
         with runtime.autocast():
             chosen, rejected = policy(pair_logps, batch)
         ref_chosen, ref_rejected = ref_pair_logps(ref_model, ref_logps, batch, split, runtime)
+        nll = rpo_nll(chosen, (batch["targets"] != -100).sum(-1)[: len(chosen)])  # RPO's term, from the sums
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta,
                                                             args.label_smoothing)
         if args.rpo_alpha:  # RPO: the chosen answer's NLL per token, added to each pair's loss
-            nll = rpo_nll(chosen, (batch["targets"] != -100).sum(-1)[: len(chosen)])
             losses = losses + args.rpo_alpha * nll
         real = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
         metrics = pair_metrics(split, *(x[real] for x in (losses, chosen, rejected, chosen_rewards, rejected_rewards)))

@@ -6,20 +6,19 @@ Constraints" (ICLR 2024), https://arxiv.org/abs/2309.16240
 Objective: the RLHF objective with an f-divergence E_{pi_ref}[f(u)], u = pi(y|x) / pi_ref(y|x), for its reverse KL:
 
     L_f-DPO = -E[ log sigmoid(beta f'(u_w) - beta f'(u_l)) ]
-
-Under Bradley-Terry preferences from a reward r, its population minimiser is pi*(y|x) = pi_ref(y|x) (f')^-1((r(x,y)
-- lambda(x)) / beta), with lambda(x) normalising it. Only for the reverse KL does lambda factor out: the loss is DPO's.
-
     reverse_kl  f(u) = u log u                          f'(u) = log u + 1
     forward_kl  f(u) = -log u                           f'(u) = -1/u
     js          f(u) = u log u - (u+1) log((u+1)/2)     f'(u) = log(2u / (1 + u))
     alpha       f(u) = (u^(1-alpha) - (1-alpha) u - alpha) / (alpha (alpha - 1)),  f'(u) = (1 - u^(-alpha)) / alpha
 
+Under Bradley-Terry preferences from a reward r, its population minimiser is pi*(y|x) = pi_ref(y|x) (f')^-1((r(x,y)
+- lambda(x)) / beta), with lambda(x) normalising it. Only for the reverse KL does lambda factor out: the loss is DPO's.
+
 Deviations and options
 - alpha is Wang et al.'s (alpha -> 0: the reverse KL, 1: the forward KL); TRL's f_alpha_divergence_coef is 1 - alpha.
-- f' is computed in float32 from the log-ratio a, never from u: JS through softplus, and the exponents of forward KL
-  and alpha capped at EXP_CAP = 50. Below a = -50 / alpha the loss saturates and its gradient is 0.
-- The logged rewards are beta * (log pi - log pi_ref), as in dpo.py; f-DPO's own beta f'(u) is logged as fdpo/*.
+- f' is computed in float32 from the log-ratio, never from u: JS by softplus, exponents capped at EXP_CAP = 50.
+- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's is a token mean over the
+  batch): it keeps mass on the chosen answers, off answers outside the data, and so moves the minimiser off pi*.
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt, so each u covers the rest only.
 
@@ -28,17 +27,18 @@ Usage
     python fdpo.py --divergence js --beta 0.1 --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 5e-7 \\
         --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_length 1024 \\
-        --precompute_ref_logps --gradient_checkpointing --output_dir runs/fdpo-qwen
+        --precompute_ref_logps --gradient_checkpointing
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
-    train/loss                  mean f-DPO loss
-    train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (as in dpo.py)
+    train/loss                  mean f-DPO loss, with the RPO term where --rpo_alpha
+    train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (DPO's implicit reward)
     train/rewards/rejected      the same for the rejected response
     train/rewards/margin        chosen minus rejected reward
     train/rewards/accuracy      fraction of pairs with margin > 0
     train/fdpo/chosen           beta * f'(u) of the chosen response, f-DPO's implicit reward; fdpo/rejected likewise
     train/logps/chosen          log pi(y_w|x) under the policy, summed over its tokens
     train/logps/rejected        the same for y_l
+    train/nll                   with --rpo_alpha: the chosen answer's NLL per token
     train/lr, grad_norm, epoch  the learning rate, the gradient norm before clipping, the fractional epoch
     perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
     eval/...                    the same quantities on the held-out split, every --eval_steps and at the end
@@ -100,6 +100,8 @@ class Args:
     """alpha of the alpha-divergence, in (0, 1): -> 0 is the reverse KL, 1 the forward KL (Wang et al.'s convention)"""
     beta: float = 0.1
     """beta: the strength of the divergence penalty toward pi_ref (smaller moves further)"""
+    rpo_alpha: float = 0.0
+    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: the paper's loss)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
@@ -147,7 +149,7 @@ class Args:
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32. Without LoRA
-    a bf16 reference puts h off 0 at step 0 (mean |h| 0.008 nats on the toy model, at most 0.03)"""
+    a bf16 reference puts h off 0 at step 0, by how much: docs/real_models.md"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -227,6 +229,12 @@ def fdpo_loss(
     return losses.to(policy_chosen_logps.dtype), chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's term (Pang et al. 2024): the chosen answer's negative log-likelihood per token, -log pi(y_w|x) / |y_w|
+    (B,), from its summed log-probs (B,) and token counts (B,)."""
+    return -policy_chosen_logps / chosen_lengths
+
+
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
@@ -257,14 +265,19 @@ def train(args: Args) -> dict:
         with runtime.autocast():
             chosen, rejected = policy(pair_logps, batch)
         ref_chosen, ref_rejected = ref_pair_logps(ref_model, ref_logps, batch, split, runtime)
+        nll = rpo_nll(chosen, (batch["targets"] != -100).sum(-1)[: len(chosen)])  # RPO's term, from the sums
         losses, f_chosen, f_rejected = fdpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.divergence,
                                                  args.alpha)
         chosen_rewards = args.beta * (chosen - ref_chosen).detach()  # logged as in dpo.py; f-DPO's own are f_*
         rejected_rewards = args.beta * (rejected - ref_rejected).detach()
+        if args.rpo_alpha:  # RPO: the chosen answer's NLL per token, added to each pair's loss
+            losses = losses + args.rpo_alpha * nll
         real = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
         metrics = pair_metrics(split, *(x[real] for x in (losses, chosen, rejected, chosen_rewards, rejected_rewards)))
         metrics.update({f"{split}/fdpo/chosen": f_chosen[real].mean().item(),
                         f"{split}/fdpo/rejected": f_rejected[real].mean().item()})
+        if args.rpo_alpha:
+            metrics[f"{split}/nll"] = nll[real].mean().item()
         return losses, metrics
 
     @torch.no_grad()
@@ -482,7 +495,6 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-
 def saved_adapter(path: str) -> Optional[dict]:
     """The LoRA adapter's config (adapter_config.json) a local directory holds, else None."""
     config = os.path.join(path, "adapter_config.json")
@@ -490,7 +502,6 @@ def saved_adapter(path: str) -> Optional[dict]:
         return None
     with open(config) as f:
         return json.load(f)
-
 
 
 def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
@@ -565,11 +576,9 @@ class Forward(torch.nn.Module):
         return fn(hf_model(self.model), *args, **kwargs)
 
 
-
 def hf_model(model):
     """The Hugging Face model itself: inside a peft model, the one its adapter layers were put into."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
 
 
 def load_reference(args, runtime: Runtime, policy):
@@ -579,7 +588,6 @@ def load_reference(args, runtime: Runtime, policy):
         return AdapterOff(policy)
     return load_model(resolve_path(args.ref_model_name_or_path or args.model_name_or_path), args, runtime,
                       trained=False)
-
 
 
 class AdapterOff:
@@ -1289,7 +1297,6 @@ def save_model(path: str, model) -> None:
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
                 "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
             hf_model(unwrap(model)).config.save_pretrained(path)
-
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:

@@ -729,7 +729,6 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-
 def saved_adapter(path: str) -> Optional[dict]:
     """The LoRA adapter's config (adapter_config.json) a local directory holds, else None."""
     config = os.path.join(path, "adapter_config.json")
@@ -737,7 +736,6 @@ def saved_adapter(path: str) -> Optional[dict]:
         return None
     with open(config) as f:
         return json.load(f)
-
 
 
 def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
@@ -812,11 +810,9 @@ class Forward(torch.nn.Module):
         return fn(hf_model(self.model), *args, **kwargs)
 
 
-
 def hf_model(model):
     """The Hugging Face model itself: inside a peft model, the one its adapter layers were put into."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
 
 
 def load_reference(args, runtime: Runtime, policy):
@@ -826,7 +822,6 @@ def load_reference(args, runtime: Runtime, policy):
         return AdapterOff(policy)
     return load_model(resolve_path(args.ref_model_name_or_path or args.model_name_or_path), args, runtime,
                       trained=False)
-
 
 
 def load_reward_model(args, runtime: Runtime, tokenizer):
@@ -1451,7 +1446,6 @@ def save_model(path: str, model) -> None:
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
                 "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
             hf_model(unwrap(model)).config.save_pretrained(path)
-
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:

@@ -13,6 +13,8 @@ pi*(y|x) = pi_ref(y|x) exp(p(y > mu | x) / beta) / Z(x), with p(y > mu) = E_{y'~
 Deviations and options
 - `--average_log_probs` divides each response's summed log-probs (logged ones too) by its token count, as TRL's
   loss_type="ipo" does; the minimiser above then no longer holds (the regression runs on per-token averages).
+- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's is a token mean over the
+  batch): it keeps mass on the chosen answers, off answers outside the data, and so moves the minimiser off pi*.
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. The summed h is unchanged (they
   cancel), but --average_log_probs divides by token counts that this split sets, so there it changes the loss.
@@ -22,16 +24,17 @@ Usage
     python ipo.py --beta 0.1 --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 5e-7 \\
         --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_length 1024 \\
-        --precompute_ref_logps --gradient_checkpointing --output_dir runs/ipo-qwen
+        --precompute_ref_logps --gradient_checkpointing
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
-    train/loss                  mean IPO loss (h - 1/(2 beta))^2
-    train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (the implicit reward)
+    train/loss                  mean IPO loss (h - 1/(2 beta))^2, with the RPO term where --rpo_alpha
+    train/rewards/chosen        beta * (log pi - log pi_ref) of the chosen response (DPO's implicit reward)
     train/rewards/rejected      the same for the rejected response
     train/rewards/margin        chosen minus rejected reward (= beta * h; IPO regresses it onto 1/2)
     train/rewards/accuracy      fraction of pairs with margin > 0
     train/logps/chosen          log pi(y_w|x) under the policy, summed over its tokens
     train/logps/rejected        the same for y_l
+    train/nll                   with --rpo_alpha: the chosen answer's NLL per token
     train/lr, grad_norm, epoch  the learning rate, the gradient norm before clipping, the fractional epoch
     perf/tokens_per_sec         non-padding tokens through the policy per second of wall time
     eval/...                    the same quantities on the held-out split, every --eval_steps and at the end
@@ -90,6 +93,8 @@ class Args:
     """tau of Eq. 17: the regularisation toward pi_ref; each pair's h is regressed onto 1/(2 beta)"""
     average_log_probs: bool = False
     """divide summed response log-probs by their token counts (TRL's IPO) instead of the paper's sums"""
+    rpo_alpha: float = 0.0
+    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: the paper's loss)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
@@ -137,7 +142,7 @@ class Args:
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32. Without LoRA
-    a bf16 reference puts h off 0 at step 0 (mean |h| 0.008 nats on the toy model, at most 0.03)"""
+    a bf16 reference puts h off 0 at step 0, by how much: docs/real_models.md"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -185,6 +190,12 @@ def ipo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's term (Pang et al. 2024): the chosen answer's negative log-likelihood per token, -log pi(y_w|x) / |y_w|
+    (B,), from its summed log-probs (B,) and token counts (B,)."""
+    return -policy_chosen_logps / chosen_lengths
+
+
 # ---------------------------------------------------------------------------------------------------------- training
 def train(args: Args) -> dict:
     runtime = setup(args)  # torchrun's process group (or none), the seeds, the device, bf16 autocast on CUDA
@@ -215,13 +226,18 @@ def train(args: Args) -> dict:
         with runtime.autocast():
             chosen, rejected = policy(pair_logps, batch)
         ref_chosen, ref_rejected = ref_pair_logps(ref_model, ref_logps, batch, split, runtime)
+        nll = rpo_nll(chosen, (batch["targets"] != -100).sum(-1)[: len(chosen)])  # RPO's term, from the sums
         if args.average_log_probs:  # TRL's form: per-token means, so long and short answers weigh alike
             n_chosen, n_rejected = (batch["targets"] != -100).sum(-1).chunk(2)  # response tokens per row
             chosen, rejected = chosen / n_chosen, rejected / n_rejected
             ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
         losses, chosen_rewards, rejected_rewards = ipo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta)
+        if args.rpo_alpha:  # RPO: the chosen answer's NLL per token, added to each pair's loss
+            losses = losses + args.rpo_alpha * nll
         real = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
         metrics = pair_metrics(split, *(x[real] for x in (losses, chosen, rejected, chosen_rewards, rejected_rewards)))
+        if args.rpo_alpha:
+            metrics[f"{split}/nll"] = nll[real].mean().item()
         return losses, metrics
 
     @torch.no_grad()
@@ -439,7 +455,6 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-
 def saved_adapter(path: str) -> Optional[dict]:
     """The LoRA adapter's config (adapter_config.json) a local directory holds, else None."""
     config = os.path.join(path, "adapter_config.json")
@@ -447,7 +462,6 @@ def saved_adapter(path: str) -> Optional[dict]:
         return None
     with open(config) as f:
         return json.load(f)
-
 
 
 def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
@@ -522,11 +536,9 @@ class Forward(torch.nn.Module):
         return fn(hf_model(self.model), *args, **kwargs)
 
 
-
 def hf_model(model):
     """The Hugging Face model itself: inside a peft model, the one its adapter layers were put into."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
 
 
 def load_reference(args, runtime: Runtime, policy):
@@ -536,7 +548,6 @@ def load_reference(args, runtime: Runtime, policy):
         return AdapterOff(policy)
     return load_model(resolve_path(args.ref_model_name_or_path or args.model_name_or_path), args, runtime,
                       trained=False)
-
 
 
 class AdapterOff:
@@ -1246,7 +1257,6 @@ def save_model(path: str, model) -> None:
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
                 "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
             hf_model(unwrap(model)).config.save_pretrained(path)
-
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:

@@ -189,7 +189,6 @@ class Args:
             raise UsageError("--update_reference replaces the reference each round: --ref_model_name_or_path is unused")
 
 
-
 # ---------------------------------------------------------------------------------------------------------- the method
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
@@ -705,7 +704,6 @@ def load_prompts(args, tokenizer) -> tuple[list[list[int]], list[list[int]], lis
     eval_data = eval_data.select(range(min(args.num_eval_prompts, len(eval_data))))
     eval_prompts = tokenize_prompts(eval_data, tokenizer, args.max_prompt_length, "eval")
     return train_prompts, eval_prompts, prompt_rows(train_data), prompt_rows(eval_data)
-
 
 
 def prompt_rows(data):

@@ -138,7 +138,7 @@ class Args:
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32. Without LoRA
-    a bf16 reference puts h off 0 at step 0 (mean |h| 0.008 nats on the toy model, at most 0.03)"""
+    a bf16 reference puts h off 0 at step 0, by how much: docs/real_models.md"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -512,7 +512,6 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-
 def saved_adapter(path: str) -> Optional[dict]:
     """The LoRA adapter's config (adapter_config.json) a local directory holds, else None."""
     config = os.path.join(path, "adapter_config.json")
@@ -520,7 +519,6 @@ def saved_adapter(path: str) -> Optional[dict]:
         return None
     with open(config) as f:
         return json.load(f)
-
 
 
 def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
@@ -593,7 +591,6 @@ class Forward(torch.nn.Module):
 
     def forward(self, fn, *args, **kwargs):
         return fn(hf_model(self.model), *args, **kwargs)
-
 
 
 def hf_model(model):
@@ -1223,7 +1220,6 @@ def save_model(path: str, model) -> None:
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
                 "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
             hf_model(unwrap(model)).config.save_pretrained(path)
-
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:
