@@ -13,8 +13,8 @@ pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x) (Eq. 4); Z cancels in h, so no re
 Deviations and options
 - `--label_smoothing eps` gives conservative DPO (cDPO), which takes each label to be flipped with probability eps:
   -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). 0, the default, is the paper's loss.
-- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's is a token mean over the
-  batch): it keeps mass on the chosen answers, off answers outside the data, and so moves the minimiser off pi*.
+- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's NLL is a token mean over
+  the batch): raising y_w's likelihood limits the mass left outside the data, and moves the minimiser off pi*.
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. h is unchanged (they cancel).
 
@@ -94,7 +94,7 @@ class Args:
     label_smoothing: float = 0.0
     """cDPO epsilon: the assumed probability that a preference label is flipped (0 = DPO)"""
     rpo_alpha: float = 0.0
-    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: the paper's loss)"""
+    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: off)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
@@ -167,6 +167,8 @@ class Args:
         if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
             raise UsageError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
                              f"({self.max_length}) to leave room for a response")
+        if self.rpo_alpha < 0:
+            raise UsageError(f"--rpo_alpha must be at least 0, got {self.rpo_alpha}: a negative one pushes y_w down")
 
 
 # ---------------------------------------------------------------------------------------------------------- the method

@@ -16,10 +16,10 @@ Under Bradley-Terry preferences from a reward r, its population minimiser is pi*
 
 Deviations and options
 - alpha is Wang et al.'s (alpha -> 0: the reverse KL, 1: the forward KL); TRL's f_alpha_divergence_coef is 1 - alpha.
-- f' is computed in float32 from the log-ratio, never from u: JS by softplus, exponents capped at EXP_CAP = 50.
-- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's is a token mean over the
-  batch): it keeps mass on the chosen answers, off answers outside the data, and so moves the minimiser off pi*.
-- `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
+- f' is computed in float32 from the log-ratio a, never from u: JS by softplus, and the exponents of forward KL and
+  alpha capped at EXP_CAP = 50, so below a = -50 / alpha the loss saturates and its gradient is 0.
+- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's NLL is a token mean over
+  the batch): raising y_w's likelihood limits the mass left outside the data, and moves the minimiser off pi*.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt, so each u covers the rest only.
 
 Usage
@@ -101,7 +101,7 @@ class Args:
     beta: float = 0.1
     """beta: the strength of the divergence penalty toward pi_ref (smaller moves further)"""
     rpo_alpha: float = 0.0
-    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: the paper's loss)"""
+    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: off)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
@@ -174,6 +174,8 @@ class Args:
         if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
             raise UsageError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
                              f"({self.max_length}) to leave room for a response")
+        if self.rpo_alpha < 0:
+            raise UsageError(f"--rpo_alpha must be at least 0, got {self.rpo_alpha}: a negative one pushes y_w down")
         if self.divergence == "alpha" and not 0.0 < self.alpha < 1.0:
             raise UsageError(f"--alpha must be in (0, 1), got {self.alpha}; reverse_kl and forward_kl are its two ends")
 

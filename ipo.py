@@ -11,10 +11,10 @@ For pairs drawn from mu and labelled with probability P(y > y'), its population 
 pi*(y|x) = pi_ref(y|x) exp(p(y > mu | x) / beta) / Z(x), with p(y > mu) = E_{y'~mu} P(y > y') a win rate in [0, 1].
 
 Deviations and options
-- `--average_log_probs` divides each response's summed log-probs (logged ones too) by its token count, as TRL's
-  loss_type="ipo" does; the minimiser above then no longer holds (the regression runs on per-token averages).
-- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's is a token mean over the
-  batch): it keeps mass on the chosen answers, off answers outside the data, and so moves the minimiser off pi*.
+- `--average_log_probs` divides the summed log-probs (logged ones too, not RPO's NLL) by their token counts, as
+  TRL's loss_type="ipo" does; the minimiser above then no longer holds (the regression runs on per-token averages).
+- `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's NLL is a token mean over
+  the batch): raising y_w's likelihood limits the mass left outside the data, and moves the minimiser off pi*.
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. The summed h is unchanged (they
   cancel), but --average_log_probs divides by token counts that this split sets, so there it changes the loss.
@@ -94,7 +94,7 @@ class Args:
     average_log_probs: bool = False
     """divide summed response log-probs by their token counts (TRL's IPO) instead of the paper's sums"""
     rpo_alpha: float = 0.0
-    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: the paper's loss)"""
+    """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: off)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs in one pass before training and free the reference model"""
     # ---- optimisation
@@ -167,6 +167,8 @@ class Args:
         if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
             raise UsageError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
                              f"({self.max_length}) to leave room for a response")
+        if self.rpo_alpha < 0:
+            raise UsageError(f"--rpo_alpha must be at least 0, got {self.rpo_alpha}: a negative one pushes y_w down")
 
 
 # ---------------------------------------------------------------------------------------------------------- the method

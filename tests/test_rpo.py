@@ -47,7 +47,17 @@ def test_the_first_step_adds_alpha_times_the_chosen_nll(tmp_path, toy_model_dir,
         nll = [-direct_logp(model, r["chosen"][: r["chosen_start"]], r["chosen"][r["chosen_start"]:])
                / (len(r["chosen"]) - r["chosen_start"]) for r in micro.rows[: micro.n]]
     assert metrics["train/nll"] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
-    if not options:  # without the flag: no term and no metric
-        plain = module.train(module.Args(**common, output_dir=str(tmp_path / "plain")))
-        assert "train/nll" not in plain
-        assert plain["train/loss"] == pytest.approx(first_loss, abs=1e-6)
+    assert "eval/nll" in metrics
+    # without the flag: no term, no metric, and another gradient (the term is not detached)
+    plain = module.train(module.Args(**common, output_dir=str(tmp_path / "plain")))
+    assert "train/nll" not in plain and "eval/nll" not in plain
+    assert plain["train/loss"] == pytest.approx(first_loss, abs=1e-6)
+    # detached, the term would leave the gradient exactly as it is; measured, it moves its norm by 1.8% (IPO) to 6x
+    assert abs(metrics["train/grad_norm"] - plain["train/grad_norm"]) > 1e-3 * plain["train/grad_norm"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_negative_alpha_is_refused(name):
+    module = importlib.import_module(name)
+    with pytest.raises(module.UsageError, match="--rpo_alpha"):
+        module.Args(rpo_alpha=-0.1)
