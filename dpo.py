@@ -11,8 +11,7 @@ Under Bradley-Terry preferences from a reward r, its population minimiser is the
 pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x) (Eq. 4); Z cancels in h, so no reward model is needed.
 
 Deviations and options
-- `--label_smoothing eps` gives conservative DPO (cDPO), which takes each label to be flipped with probability eps:
-  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). 0, the default, is the paper's loss.
+- `--label_smoothing eps` (cDPO), for labels flipped w.p. eps: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
 - `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's NLL is a token mean over
   the batch): raising y_w's likelihood limits the mass left outside the data, and moves the minimiser off pi*.
 - `--precompute_ref_logps` computes the reference's log-probs in one pass before training, then frees the reference.
@@ -92,7 +91,7 @@ class Args:
     beta: float = 0.1
     """beta of Eq. 7: the strength of the KL penalty toward pi_ref (smaller moves further)"""
     label_smoothing: float = 0.0
-    """cDPO epsilon: the assumed probability that a preference label is flipped (0 = DPO)"""
+    """cDPO epsilon: the assumed probability that a preference label is flipped (0: the paper's loss)"""
     rpo_alpha: float = 0.0
     """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: off)"""
     precompute_ref_logps: bool = False

@@ -5,7 +5,7 @@ Constraints" (ICLR 2024), https://arxiv.org/abs/2309.16240
 
 Objective: the RLHF objective with an f-divergence E_{pi_ref}[f(u)], u = pi(y|x) / pi_ref(y|x), for its reverse KL:
 
-    L_f-DPO = -E[ log sigmoid(beta f'(u_w) - beta f'(u_l)) ]
+    L_f-DPO = -E[ log sigmoid(beta * h) ],  h = f'(u_w) - f'(u_l)
     reverse_kl  f(u) = u log u                          f'(u) = log u + 1
     forward_kl  f(u) = -log u                           f'(u) = -1/u
     js          f(u) = u log u - (u+1) log((u+1)/2)     f'(u) = log(2u / (1 + u))
@@ -16,8 +16,8 @@ Under Bradley-Terry preferences from a reward r, its population minimiser is pi*
 
 Deviations and options
 - alpha is Wang et al.'s (alpha -> 0: the reverse KL, 1: the forward KL); TRL's f_alpha_divergence_coef is 1 - alpha.
-- f' is computed in float32 from the log-ratio a, never from u: JS by softplus, and the exponents of forward KL and
-  alpha capped at EXP_CAP = 50, so below a = -50 / alpha the loss saturates and its gradient is 0.
+- f' is computed from the log-ratio a = log u in float32, its exponents capped: below a = -50 / alpha it saturates.
+- `--label_smoothing eps` (cDPO), for labels flipped w.p. eps: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
 - `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's NLL is a token mean over
   the batch): raising y_w's likelihood limits the mass left outside the data, and moves the minimiser off pi*.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt, so each u covers the rest only.
@@ -100,6 +100,8 @@ class Args:
     """alpha of the alpha-divergence, in (0, 1): -> 0 is the reverse KL, 1 the forward KL (Wang et al.'s convention)"""
     beta: float = 0.1
     """beta: the strength of the divergence penalty toward pi_ref (smaller moves further)"""
+    label_smoothing: float = 0.0
+    """cDPO epsilon: the assumed probability that a preference label is flipped (0: the paper's loss)"""
     rpo_alpha: float = 0.0
     """RPO: the weight of the chosen answer's NLL per token added to each pair's loss (0: off)"""
     precompute_ref_logps: bool = False
@@ -213,8 +215,9 @@ def fdpo_loss(
     beta: float,
     divergence: str,
     alpha: float = 0.5,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """f-DPO loss per pair, -log sigmoid(beta f'(u_w) - beta f'(u_l)) (Wang et al. 2024).
+    """f-DPO loss per pair, -log sigmoid(beta f'(u_w) - beta f'(u_l)) (Wang et al. 2024), with cDPO label smoothing.
 
     All inputs are response log-probs of shape (B,), each summed over its response's tokens.
     Returns losses (B,) and f-DPO's implicit rewards beta f'(u_w), beta f'(u_l), each (B,), detached.
@@ -225,8 +228,10 @@ def fdpo_loss(
     rejected_logratios = policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)  # (B,)
     f_chosen, f_rejected = f_prime(chosen_logratios, divergence, alpha), f_prime(rejected_logratios, divergence, alpha)
     # for the reverse KL the +1 of f' cancels: use DPO's logit itself, so the two losses agree bit for bit
-    diff = chosen_logratios - rejected_logratios if divergence == "reverse_kl" else f_chosen - f_rejected  # (B,)
-    losses = -F.logsigmoid(beta * diff)  # finite for any finite logit
+    h = chosen_logratios - rejected_logratios if divergence == "reverse_kl" else f_chosen - f_rejected  # (B,)
+    logits = beta * h  # (B,)
+    # cDPO: the label is flipped with probability eps (Mitchell 2023, "A note on DPO with noisy preferences")
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     chosen_rewards, rejected_rewards = beta * f_chosen, beta * f_rejected
     return losses.to(policy_chosen_logps.dtype), chosen_rewards.detach(), rejected_rewards.detach()
 
@@ -269,7 +274,7 @@ def train(args: Args) -> dict:
         ref_chosen, ref_rejected = ref_pair_logps(ref_model, ref_logps, batch, split, runtime)
         nll = rpo_nll(chosen, (batch["targets"] != -100).sum(-1)[: len(chosen)])  # RPO's term, from the sums
         losses, f_chosen, f_rejected = fdpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.divergence,
-                                                 args.alpha)
+                                                 args.alpha, args.label_smoothing)
         chosen_rewards = args.beta * (chosen - ref_chosen).detach()  # logged as in dpo.py; f-DPO's own are f_*
         rejected_rewards = args.beta * (rejected - ref_rejected).detach()
         if args.rpo_alpha:  # RPO: the chosen answer's NLL per token, added to each pair's loss

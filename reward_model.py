@@ -139,8 +139,7 @@ class Args:
     merge_lora: bool = False
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32. Without LoRA
-    a bf16 reference puts h off 0 at step 0, by how much: docs/real_models.md"""
+    """dtype of frozen weights (a LoRA base); the trained reward model stays float32"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""

@@ -137,8 +137,7 @@ class Args:
     merge_lora: bool = False
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32. Without LoRA
-    a bf16 reference puts h off 0 at step 0, by how much: docs/real_models.md"""
+    """dtype of frozen weights (a LoRA base); trained weights stay float32"""
     # ---- logging, evaluation, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -201,32 +200,25 @@ def slic_metrics(prefix: str, losses, hinge, margins, policy_chosen, policy_reje
 
 # ------------------------------------------------------------------------------------------- the method's own data
 def load_triples(args, tokenizer) -> tuple[list[dict], list[dict]]:
-    """The train and eval splits' pairs, each with its target y_ref where the data has a --target_column."""
-    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
-                                        args.eval_holdout, args.seed)
-    check_columns(train_data, args.dataset_name)
-    target_column = args.target_column if args.target_column in train_data.column_names else None
-    print(f"y_ref: column {target_column!r}" if target_column else "y_ref: the chosen answer (no target column)")
-    train_rows = tokenize_triples(train_data, tokenizer, args.max_length, args.max_prompt_length, "train",
-                                  target_column)
-    if eval_data is None:
-        return train_rows, []
-    check_columns(eval_data, args.dataset_name)
-    if target_column is not None and target_column not in eval_data.column_names:
-        raise UsageError(f"the train split has a {target_column!r} column and the eval split does not")
-    return train_rows, tokenize_triples(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval",
-                                        target_column)
+    """The train and eval splits' pairs, each with its target y_ref where the split has a --target_column."""
+    train_rows, eval_rows = load_pairs(args, tokenizer, tokenize_triples, target_column=args.target_column)
+    if eval_rows and ("target" in train_rows[0]) != ("target" in eval_rows[0]):
+        raise UsageError(f"one split has a {args.target_column!r} column and the other does not: y_ref would differ")
+    return train_rows, eval_rows
 
 
 def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int, desc: str,
-                     target_column: Optional[str]) -> list[dict]:
-    """tokenize_pairs's pairs, each with its target y_ref where the data has a target column.
+                     target_column: str) -> list[dict]:
+    """tokenize_pairs's pairs, each with its target y_ref where the dataset has the column target_column.
 
     The target is tokenized as the answers are, and the three share one context: where the pair or the target is too
     long, all three keep the prompt's last max_prompt_length tokens. A pair whose target is empty is skipped and
     counted. Without a target column, rows carry no target and the chosen answer serves as y_ref.
     """
-    for i, row in enumerate(dataset if target_column is not None else []):  # every row, so a bad target never hides
+    if target_column not in dataset.column_names:
+        print(f"{desc}: y_ref is the chosen answer (no {target_column!r} column)")
+        return tokenize_pairs(dataset, tokenizer, max_length, max_prompt_length, desc)
+    for i, row in enumerate(dataset):  # every row, so a bad target never hides
         target = row[target_column]
         if row.get("prompt") is None:
             raise UsageError(f"row {i}: a {target_column!r} target needs an explicit 'prompt' column "
@@ -235,11 +227,8 @@ def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int
         if not same_format or not (is_conversation(target) or isinstance(target, str)):
             raise UsageError(f"row {i}: column {target_column!r} should be in the same format as 'chosen', got "
                              f"{type(target).__name__}: {str(target)[:80]!r}")
-    pairs = tokenize_pairs(dataset, tokenizer, max_length, max_prompt_length, desc)
-    if target_column is None:
-        return pairs
     rows, empty = [], 0
-    for pair in pairs:
+    for pair in tokenize_pairs(dataset, tokenizer, max_length, max_prompt_length, desc):
         source = dataset[pair["row"]]
         texts = row_texts({"prompt": source["prompt"], "chosen": source[target_column], "rejected": source["rejected"]},
                           pair["row"], tokenizer)
@@ -259,7 +248,7 @@ def tokenize_triples(dataset, tokenizer, max_length: int, max_prompt_length: int
                 pair = pair | {part: kept + pair[part][start:], f"{part}_start": len(kept)}
         rows.append(pair | {"target": target_prompt + target_ids, "target_start": len(target_prompt),
                             "index": len(rows)})
-    print(f"{desc}: {len(rows)} pairs with a target y_ref; {empty} skipped for an empty target")
+    print(f"{desc}: y_ref from column {target_column!r} in {len(rows)} pairs; {empty} skipped for an empty target")
     if not rows:
         raise UsageError(f"no usable pairs in the {desc} split")
     return rows
@@ -607,6 +596,20 @@ def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]
         raise UsageError(f"--resume_from needs a checkpoint directory written with --save_steps "
                                 f"(output_dir/checkpoint-N); {path!r} has no training_state.pt")
     return torch.load(state_file, weights_only=True)  # tensors and plain Python only: a checkpoint runs no code
+
+
+def load_pairs(args, tokenizer, tokenize=None, **kwargs) -> tuple[list[dict], list[dict]]:
+    """The train and eval splits' preference pairs, tokenized by `tokenize` (tokenize_pairs unless given; **kwargs go
+    to it). No eval split gives no eval pairs."""
+    tokenize = tokenize or tokenize_pairs
+    train_data, eval_data = load_splits(args.dataset_name, args.dataset_config, args.train_split, args.eval_split,
+                                        args.eval_holdout, args.seed)
+    check_columns(train_data, args.dataset_name)
+    train_rows = tokenize(train_data, tokenizer, args.max_length, args.max_prompt_length, "train", **kwargs)
+    if eval_data is None:
+        return train_rows, []
+    check_columns(eval_data, args.dataset_name)
+    return train_rows, tokenize(eval_data, tokenizer, args.max_length, args.max_prompt_length, "eval", **kwargs)
 
 
 def load_splits(name: str, config: Optional[str], train_split: str, eval_split: str, holdout: int, seed: int):

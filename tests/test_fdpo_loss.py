@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from dpo import dpo_loss
 from fdpo import EXP_CAP, f_prime, fdpo_loss
 from helpers import softplus
 
@@ -23,15 +24,19 @@ CASES = [(-12.5, -15.25, -13.0, -14.75), (-3.0, -2.0, -2.5, -3.5), (-40.0, -40.0
          (-7.75, -20.5, -9.0, -18.0), (-1.0, -0.5, -6.0, -0.125)]
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.2])
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
 @pytest.mark.parametrize("divergence, alpha", DIVERGENCES)
-def test_matches_hand_values(divergence, alpha, beta):
+def test_matches_hand_values(divergence, alpha, beta, eps):
+    """cDPO's smoothing eps weighs in the flipped label: (1 - eps) softplus(-z) + eps softplus(z)."""
     inputs = [torch.tensor(col, dtype=torch.float64) for col in zip(*CASES)]
-    losses, chosen_rewards, rejected_rewards = fdpo_loss(*inputs, beta=beta, divergence=divergence, alpha=alpha or 0.5)
+    losses, chosen_rewards, rejected_rewards = fdpo_loss(*inputs, beta=beta, divergence=divergence, alpha=alpha or 0.5,
+                                                         label_smoothing=eps)
     f = HAND_F_PRIME[divergence]
     for k, (pc, pr, rc, rr) in enumerate(CASES):
         fw, fl = f(pc - rc, alpha), f(pr - rr, alpha)
-        assert losses[k].item() == pytest.approx(softplus(-beta * (fw - fl)), rel=1e-12, abs=1e-12)
+        want = (1 - eps) * softplus(-beta * (fw - fl)) + eps * softplus(beta * (fw - fl))
+        assert losses[k].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
         assert chosen_rewards[k].item() == pytest.approx(beta * fw, rel=1e-12, abs=1e-12)
         assert rejected_rewards[k].item() == pytest.approx(beta * fl, rel=1e-12, abs=1e-12)
 
@@ -47,6 +52,10 @@ def test_reverse_kl_is_dpo(dtype):
         losses = fdpo_loss(*(x.to(dtype) for x in inputs), beta=beta, divergence="reverse_kl")[0]
         for k, (pc, pr, rc, rr) in enumerate(zip(*(x.to(dtype).tolist() for x in inputs))):
             assert losses[k].item() == pytest.approx(softplus(-beta * ((pc - rc) - (pr - rr))), rel=rtol, abs=rtol)
+        for eps in (0.0, 0.2):  # and, with cDPO's smoothing too, dpo.py's loss bit for bit
+            args = [x.to(dtype) for x in inputs] + [beta]
+            assert torch.equal(fdpo_loss(*args, divergence="reverse_kl", label_smoothing=eps)[0],
+                               dpo_loss(*args, label_smoothing=eps)[0])
 
 
 def test_alpha_interpolates_between_the_two_kls():

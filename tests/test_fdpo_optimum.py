@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fdpo_toy
-from fdpo import fdpo_loss
+from fdpo import f_prime, fdpo_loss
 
 N_PROMPTS, N_RESPONSES, SEED = 3, 6, 0
 DIVERGENCES = [("reverse_kl", None), ("forward_kl", None), ("js", None), ("alpha", 0.3), ("alpha", 0.5), ("alpha", 0.7)]
@@ -25,6 +25,7 @@ DIVERGENCES = [("reverse_kl", None), ("forward_kl", None), ("js", None), ("alpha
 # for 1e-3; we hold it to 1e-7. A wrong f', a wrong (f')^{-1}, or another divergence's optimum is >= 0.048 away
 # (test_divergences_give_different_optima); TRL's alpha convention (1 - alpha: 0.3 for 0.7) is 0.099 away.
 PI_TOL = 1e-7
+Z_TOL = 1e-6  # on beta (f'(u_1) - f'(u_2)) at cDPO's optimum: measured at most 3.6e-9; eps = 0's is >= 0.07 away
 
 
 def analytic_optimum(ref_logp, reward, beta, divergence, alpha) -> torch.Tensor:
@@ -36,16 +37,16 @@ def analytic_optimum(ref_logp, reward, beta, divergence, alpha) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def problem():
+def problem(n_responses=N_RESPONSES):
     gen = torch.Generator().manual_seed(SEED)
-    ref_logp = torch.log_softmax(torch.randn(N_PROMPTS, N_RESPONSES, generator=gen, dtype=torch.float64), -1)
-    reward = 2 * torch.rand(N_PROMPTS, N_RESPONSES, generator=gen, dtype=torch.float64) - 1
+    ref_logp = torch.log_softmax(torch.randn(N_PROMPTS, n_responses, generator=gen, dtype=torch.float64), -1)
+    reward = 2 * torch.rand(N_PROMPTS, n_responses, generator=gen, dtype=torch.float64) - 1
     return ref_logp, reward
 
 
-def fit(beta, divergence, alpha) -> torch.Tensor:
-    ref_logp, reward = problem()
-    i, j = torch.tensor([(a, b) for a in range(N_RESPONSES) for b in range(N_RESPONSES) if a != b]).T
+def fit(beta, divergence, alpha, eps=0.0, n_responses=N_RESPONSES) -> torch.Tensor:
+    ref_logp, reward = problem(n_responses)
+    i, j = torch.tensor([(a, b) for a in range(n_responses) for b in range(n_responses) if a != b]).T
     mu = ref_logp.exp()
     weights = (mu[:, i] * mu[:, j] * torch.sigmoid(reward[:, i] - reward[:, j])).reshape(-1)
     weights = weights / weights.sum()
@@ -57,7 +58,8 @@ def fit(beta, divergence, alpha) -> torch.Tensor:
         opt.zero_grad()
         logp = torch.log_softmax(ref_logp + phi, -1)
         losses = fdpo_loss(logp[:, i].reshape(-1), logp[:, j].reshape(-1), ref_logp[:, i].reshape(-1),
-                           ref_logp[:, j].reshape(-1), beta=beta, divergence=divergence, alpha=alpha or 0.5)[0]
+                           ref_logp[:, j].reshape(-1), beta=beta, divergence=divergence, alpha=alpha or 0.5,
+                           label_smoothing=eps)[0]
         loss = (weights * losses).sum()
         loss.backward()
         return loss
@@ -82,3 +84,20 @@ def test_divergences_give_different_optima():
     keys = list(optima)
     gaps = [(optima[a] - optima[b]).abs().max().item() for n, a in enumerate(keys) for b in keys[n + 1:]]
     assert min(gaps) > 1e-2  # measured 0.048
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+@pytest.mark.parametrize("divergence, alpha", DIVERGENCES)
+def test_cdpo_two_responses_closed_form(divergence, alpha, eps):
+    """cDPO on f-DPO. With two responses the ordered pairs (1, 2) and (2, 1) make one cross-entropy in z = beta
+    (f'(u_1) - f'(u_2)), with label q = (1 - eps) P_12 + eps P_21: minimised exactly at z = logit(q), not at eps = 0's
+    z = r_1 - r_2. (With K >= 3 the targets logit(q_ij) are not differences of per-response values, as for cDPO.)"""
+    beta = 0.5
+    ref_logp, reward = problem(2)
+    pi = fit(beta, divergence, alpha, eps, n_responses=2)
+    f_chosen, f_rejected = (f_prime(torch.log(pi[:, k]) - ref_logp[:, k], divergence, alpha or 0.5) for k in (0, 1))
+    p12 = torch.sigmoid(reward[:, 0] - reward[:, 1])
+    q = (1 - eps) * p12 + eps * (1 - p12)
+    target = torch.log(q) - torch.log1p(-q)
+    assert (beta * (f_chosen - f_rejected) - target).abs().max() < Z_TOL
+    assert (target - (reward[:, 0] - reward[:, 1])).abs().min() > 100 * Z_TOL  # eps = 0's optimum fails the check

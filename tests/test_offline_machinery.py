@@ -115,7 +115,8 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(train_run, monkeypa
 @pytest.mark.slow  # starts a process: `python X.py --help`
 @pytest.mark.parametrize("name, flags", [("ipo", ("--beta", "--average_log_probs")),
                                          ("slic_hf", ("--delta", "--lambda_reg", "--target_column")),
-                                         ("fdpo", ("--divergence", "--alpha", "--beta", "reverse_kl", "forward_kl")),
+                                         ("fdpo", ("--divergence", "--alpha", "--beta", "--label_smoothing",
+                                                   "reverse_kl", "forward_kl")),
                                          ("rrhf", ("--rank_weight", "--reward_model_path", "--responses_column",
                                                    "--scores_column"))])
 def test_help_lists_the_method_flags_and_import_is_silent(name, flags):
@@ -249,7 +250,7 @@ def test_slic_target_column_is_the_regulariser(train_run, monkeypatch, target_da
     """With an sft_target column the regulariser's log-probs are those of the target, computed here directly."""
     calls = wrap_loss(monkeypatch, "slic_hf")
     run = train_run("slic_hf", fresh=True, dataset_name=str(target_data), max_steps=1, save_steps=0)
-    assert "y_ref: column 'sft_target'" in capsys.readouterr().out
+    assert "train: y_ref from column 'sft_target'" in capsys.readouterr().out
     model, tok = (AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(),
                   AutoTokenizer.from_pretrained(toy_model_dir))
     ids = tok(P + " great food <|end|>", add_special_tokens=False)["input_ids"]
@@ -276,12 +277,12 @@ def implicit_split(chosen: str, rejected: str) -> int:
 @pytest.mark.parametrize("name", ["pairs_standard", "pairs_implicit"])
 def test_slic_text_formats_tokenize_as_written(toy_tokenizer, name):
     """The toy pairs in plain text, with an explicit prompt (pairs_standard) and with the prompt left implicit in both
-    answers (pairs_implicit, hh-rlhf's layout), through tokenize_triples without a target: each pair's ids are those
+    answers (pairs_implicit, hh-rlhf's layout), through tokenize_triples, no target column: each pair's ids are those
     written out here from its text and the toy vocabulary, <|end|> appended, and each answer starts after the prompt.
     An implicit pair's prompt is its shared leading words (implicit_split), so where both answers begin with the same
     word ("how the" / "how film") that word is prompt: 3 of the first 64 rows."""
     rows = [json.loads(line) for line in (TOY / name / "train.jsonl").read_text().splitlines()[:64]]
-    got = slic_hf.tokenize_triples(Dataset.from_list(rows), toy_tokenizer, 512, 256, "train", None)
+    got = slic_hf.tokenize_triples(Dataset.from_list(rows), toy_tokenizer, 512, 256, "train", "sft_target")
     assert len(got) == len(rows) and all("target" not in pair for pair in got)
     moved = 0
     for pair, row in zip(got, rows):
@@ -311,7 +312,8 @@ def test_slic_target_is_tokenized_and_truncated_as_the_answers(toy_tokenizer, fm
     else:
         row = {"prompt": [{"role": "user", "content": prompt}],
                **{k: [{"role": "assistant", "content": v}] for k, v in answers.items()}}
-    (pair,) = slic_hf.tokenize_triples([row], toy_tokenizer, max_length, max_prompt_length, "train", "sft_target")
+    (pair,) = slic_hf.tokenize_triples(Dataset.from_list([row]), toy_tokenizer, max_length, max_prompt_length, "train",
+                                       "sft_target")
     prompt_ids = toy_ids(f"<|user|> {prompt} <|assistant|>")
     if cut:
         prompt_ids = toy_ids("the food ? <|assistant|>")
@@ -331,7 +333,7 @@ def test_slic_target_is_tokenized_and_truncated_as_the_answers(toy_tokenizer, fm
 def test_slic_bad_targets_raise(toy_tokenizer, target_data, edit, match):
     row = edit(json.loads((target_data / "train.jsonl").read_text().splitlines()[0]))
     with pytest.raises(ValueError, match=match):
-        slic_hf.tokenize_triples([row], toy_tokenizer, 512, 256, "train", "sft_target")
+        slic_hf.tokenize_triples(Dataset.from_list([row]), toy_tokenizer, 512, 256, "train", "sft_target")
 
 
 def test_slic_rows_without_a_target_are_named(train_run, target_data, data_dir, tmp_path):
@@ -349,7 +351,8 @@ def test_slic_rows_without_a_target_are_named(train_run, target_data, data_dir, 
 # --------------------------------------------------------------------------- fdpo.py
 @pytest.mark.parametrize("divergence, alpha", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js", 0.5), ("alpha", 0.3)])
 def test_fdpo_divergence_reaches_the_loss(train_run, monkeypatch, divergence, alpha):
-    """--divergence and --alpha arrive at fdpo_loss unchanged, and the logged f-DPO rewards are beta f'(u)."""
+    """--divergence, --alpha and --label_smoothing arrive at fdpo_loss unchanged, and the logged f-DPO rewards are
+    beta f'(u)."""
     seen, real = [], fdpo.fdpo_loss
 
     def spy(*args, **kwargs):
@@ -357,8 +360,9 @@ def test_fdpo_divergence_reaches_the_loss(train_run, monkeypatch, divergence, al
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fdpo, "fdpo_loss", spy)
-    run = train_run("fdpo", fresh=True, divergence=divergence, alpha=alpha, max_steps=2, save_steps=0)
-    assert set(seen) == {(divergence, alpha)}
+    run = train_run("fdpo", fresh=True, divergence=divergence, alpha=alpha, label_smoothing=0.1, max_steps=2,
+                    save_steps=0)
+    assert set(seen) == {(divergence, alpha, 0.1)}
     m = run.metrics
     assert {"train/fdpo/chosen", "eval/fdpo/chosen", "train/rewards/margin", "eval/rewards/accuracy"} <= m.keys()
     if divergence == "reverse_kl":  # beta f'(u) = beta (log u + 1): the DPO reward plus beta

@@ -1,5 +1,6 @@
 """slic_hf.py's triples: the pair and its regularisation target y_ref condition on one context."""
 
+import pytest
 from datasets import Dataset
 
 import slic_hf
@@ -28,3 +29,21 @@ def test_a_triple_that_fits_keeps_its_whole_prompt(toy_tokenizer):
                                "sft_target": " very good"}])
     (row,) = slic_hf.tokenize_triples(data, toy_tokenizer, 12, 4, "train", "sft_target")
     assert row["chosen_start"] == row["rejected_start"] == row["target_start"] == 5
+
+
+@pytest.mark.parametrize("split_with_target", ["train", "test"])
+def test_a_target_column_in_one_split_only_is_refused(monkeypatch, toy_tokenizer, split_with_target, capsys):
+    """y_ref must be the same kind in both splits: a target column in only one of them stops the run, naming it. (Two
+    local JSON files load with one schema, the missing column as None, which the format check refuses instead.)"""
+    splits = []
+    for split in ("train", "test"):
+        row = {"prompt": "how was the food ?", "chosen": " good", "rejected": " bad"}
+        splits.append(Dataset.from_list([row | ({"sft_target": " very good"} if split == split_with_target else {})]))
+    monkeypatch.setattr(slic_hf, "load_splits", lambda *args: tuple(splits))
+    with pytest.raises(slic_hf.UsageError, match="one split has a 'sft_target' column and the other does not"):
+        slic_hf.load_triples(slic_hf.Args(), toy_tokenizer)
+    desc = {"train": "train", "test": "eval"}  # the printed name of each split
+    other = "test" if split_with_target == "train" else "train"
+    out = capsys.readouterr().out
+    assert f"{desc[other]}: y_ref is the chosen answer (no 'sft_target' column)" in out
+    assert f"{desc[split_with_target]}: y_ref from column 'sft_target' in 1 pairs; 0 skipped" in out
