@@ -16,7 +16,7 @@ Under Bradley-Terry preferences from a reward r, its population minimiser is pi*
 
 Deviations and options
 - alpha is Wang et al.'s (alpha -> 0: the reverse KL, 1: the forward KL); TRL's f_alpha_divergence_coef is 1 - alpha.
-- f' is computed from the log-ratio a = log u in float32, its exponents capped: below a = -50 / alpha it saturates.
+- f' is computed from the log-ratio a = log u, in float32 or wider, exponents capped: below a = -50/alpha it saturates.
 - `--label_smoothing eps` (cDPO), for labels flipped w.p. eps: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
 - `--rpo_alpha a` adds RPO's a * -log pi(y_w|x) / |y_w| per pair (arXiv:2404.19733; TRL's NLL is a token mean over
   the batch): raising y_w's likelihood limits the mass left outside the data, and moves the minimiser off pi*.

@@ -12,7 +12,7 @@ second term keeps the model on a target sequence y_ref. There is no reference *m
 memory, which is SLiC-HF's efficiency argument against RLHF and DPO. There is no closed-form optimum either.
 
 Deviations and options
-- y_ref comes from `--target_column` (default `sft_target`, in the format of `chosen`) where the dataset has that
+- y_ref comes from `--target_column` (default `sft_target`, in the format of `chosen`) where both splits have that
   column; otherwise it is the chosen answer, whose log-prob is reused. A target needs an explicit prompt column.
 - Implicit-prompt rows (hh-rlhf): words both answers begin with count as prompt. The hinge is unchanged (they
   cancel), but the regulariser's log pi(y_ref|x) leaves them out, so the split changes the loss.
@@ -200,7 +200,7 @@ def slic_metrics(prefix: str, losses, hinge, margins, policy_chosen, policy_reje
 
 # ------------------------------------------------------------------------------------------- the method's own data
 def load_triples(args, tokenizer) -> tuple[list[dict], list[dict]]:
-    """The train and eval splits' pairs, each with its target y_ref where the split has a --target_column."""
+    """The train and eval splits' pairs, each with its target y_ref where both splits have a --target_column."""
     train_rows, eval_rows = load_pairs(args, tokenizer, tokenize_triples, target_column=args.target_column)
     if eval_rows and ("target" in train_rows[0]) != ("target" in eval_rows[0]):
         raise UsageError(f"one split has a {args.target_column!r} column and the other does not: y_ref would differ")

@@ -33,8 +33,9 @@ def test_a_triple_that_fits_keeps_its_whole_prompt(toy_tokenizer):
 
 @pytest.mark.parametrize("split_with_target", ["train", "test"])
 def test_a_target_column_in_one_split_only_is_refused(monkeypatch, toy_tokenizer, split_with_target, capsys):
-    """y_ref must be the same kind in both splits: a target column in only one of them stops the run, naming it. (Two
-    local JSON files load with one schema, the missing column as None, which the format check refuses instead.)"""
+    """y_ref must be the same kind in both splits: a target column in only one of them stops the run, naming it. (A
+    local folder of JSON files cannot load so: a column only the eval file has fails in `datasets`, and one only the
+    train file has reads as None in the eval split, which the format check refuses.)"""
     splits = []
     for split in ("train", "test"):
         row = {"prompt": "how was the food ?", "chosen": " good", "rejected": " bad"}
