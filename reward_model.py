@@ -129,7 +129,7 @@ class Args:
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
     lora_r: int = 0
-    """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
+    """LoRA rank: train a float32 adapter, and a copy of the score head, on a frozen base (0 = train every weight)"""
     lora_alpha: float = 16.0
     """LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r"""
     lora_dropout: float = 0.0
@@ -425,9 +425,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     Trained weights are float32, frozen ones --dtype. With --lora_r, a trained model is a float32 LoRA adapter on a
     frozen base in --dtype; a directory that holds an adapter (a checkpoint, a LoRA run's output) gives its base and
     that adapter, to train on (with --lora_r) or merged in. Dropout is off in every model (the adapter's aside), as in
-    TRL and the papers' code: with it, two passes over the same tokens differ, so the policy would not start equal to
-    its reference. A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a
-    frozen one is put in eval mode without gradients.
+    TRL and the papers' code: with it, two passes over the same tokens differ, so a policy would not start equal to a
+    reference copy of itself. A trained model gets gradient checkpointing if asked and no KV cache in its forward
+    passes; a frozen one is put in eval mode without gradients.
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path

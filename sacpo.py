@@ -99,8 +99,8 @@ class Args:
     beta: float = 1.0
     """beta of Eq. 9: the KL penalty toward pi_ref (the toy world's 1; the paper's 0.1)"""
     lambda_: float = 0.72
-    """lambda: the safety score's weight; the safety stage runs DPO at beta / lambda (the toy world's lambda* for
-    E[g] >= 1.7 at beta 1 is 0.716; the paper's beta / lambda grid is 0.01-0.1 at beta 0.1)"""
+    """lambda: the safety score's weight; the safety stage runs DPO at beta / lambda (the toy world's choice:
+    docs/sacpo.md; the paper's beta / lambda grid is 0.01-0.1 at beta 0.1)"""
     order: Literal["reward_first", "safety_first"] = "reward_first"
     """which stage runs first; both orders have the same optimum"""
     merge: tuple[float, ...] = ()
@@ -141,7 +141,7 @@ class Args:
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
     lora_r: int = 0
-    """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
+    """LoRA rank: train a float32 adapter on a frozen base, the reference if none is named (0: train all weights)"""
     lora_alpha: float = 16.0
     """LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r"""
     lora_dropout: float = 0.0
@@ -531,9 +531,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     Trained weights are float32, frozen ones --dtype. With --lora_r, a trained model is a float32 LoRA adapter on a
     frozen base in --dtype; a directory that holds an adapter (a checkpoint, a LoRA run's output) gives its base and
     that adapter, to train on (with --lora_r) or merged in. Dropout is off in every model (the adapter's aside), as in
-    TRL and the papers' code: with it, two passes over the same tokens differ, so the policy would not start equal to
-    its reference. A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a
-    frozen one is put in eval mode without gradients.
+    TRL and the papers' code: with it, two passes over the same tokens differ, so a policy would not start equal to a
+    reference copy of itself. A trained model gets gradient checkpointing if asked and no KV cache in its forward
+    passes; a frozen one is put in eval mode without gradients.
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path
@@ -1093,7 +1093,7 @@ def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) ->
     """Stop before training if this file's log-probs (the model's body, then lm_logits) of one sequence's first 64
     response tokens differ from log_softmax of the model's own logits by more than 0.05 nats a token on average.
 
-    bf16 stays far inside that; a model family whose logits lm_logits does not treat is off by nats. Every rank calls.
+    A model family whose logits lm_logits does not treat is off by nats a token (docs/changes.md). Every rank calls.
     """
     input_ids = torch.tensor([sequence[: start + 64]], device=runtime.device)
     with runtime.autocast():

@@ -137,7 +137,7 @@ class Args:
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
     lora_r: int = 0
-    """LoRA rank: train a float32 adapter on a frozen base, which is also the reference (0 = train every weight)"""
+    """LoRA rank: train a float32 adapter on a frozen base (0 = train every weight)"""
     lora_alpha: float = 16.0
     """LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r"""
     lora_dropout: float = 0.0
@@ -147,8 +147,7 @@ class Args:
     merge_lora: bool = False
     """with --lora_r, also save the adapter merged into a float32 copy of the base, in output_dir/merged"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of frozen weights (a reference or reward model, a LoRA base); trained weights stay float32. Without LoRA
-    a bf16 reference puts h off 0 at step 0, by how much: docs/real_models.md"""
+    """dtype of the frozen LoRA base; without LoRA every weight is trained, in float32"""
     # ---- logging, saving
     logging_steps: int = 10
     """print metrics every this many optimizer steps"""
@@ -481,9 +480,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     Trained weights are float32, frozen ones --dtype. With --lora_r, a trained model is a float32 LoRA adapter on a
     frozen base in --dtype; a directory that holds an adapter (a checkpoint, a LoRA run's output) gives its base and
     that adapter, to train on (with --lora_r) or merged in. Dropout is off in every model (the adapter's aside), as in
-    TRL and the papers' code: with it, two passes over the same tokens differ, so the policy would not start equal to
-    its reference. A trained model gets gradient checkpointing if asked and no KV cache in its forward passes; a
-    frozen one is put in eval mode without gradients.
+    TRL and the papers' code: with it, two passes over the same tokens differ, so a policy would not start equal to a
+    reference copy of itself. A trained model gets gradient checkpointing if asked and no KV cache in its forward
+    passes; a frozen one is put in eval mode without gradients.
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path
@@ -830,8 +829,8 @@ def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_token
 def sample_tokens(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
     """Tokens (B, 1) drawn from softmax(logits / temperature), logits (B, V), by inverting the CDF at uniforms (B,).
 
-    The softmax and its CDF are float64: a float32 cumsum over a 152k vocabulary drifts by 1e-6 to 1e-4, more than
-    a rare token's probability. MPS has no float64, so there they are computed on the CPU.
+    The softmax and its CDF are float64, so that the cumulative sum's rounding stays below a rare token's
+    probability (docs/real_models.md). MPS has no float64, so there they are computed on the CPU.
     """
     device = logits.device
     logits = logits.cpu() if device.type == "mps" else logits
@@ -1083,7 +1082,7 @@ def check_log_probs(model, sequence: list[int], start: int, runtime: Runtime) ->
     """Stop before training if this file's log-probs (the model's body, then lm_logits) of one sequence's first 64
     response tokens differ from log_softmax of the model's own logits by more than 0.05 nats a token on average.
 
-    bf16 stays far inside that; a model family whose logits lm_logits does not treat is off by nats. Every rank calls.
+    A model family whose logits lm_logits does not treat is off by nats a token (docs/changes.md). Every rank calls.
     """
     input_ids = torch.tensor([sequence[: start + 64]], device=runtime.device)
     with runtime.autocast():
