@@ -437,6 +437,8 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
                                         **kwargs)
     model.logp_chunk_tokens = getattr(args, "logp_chunk_tokens", 0)  # sequence_logps's chunks (in_chunks)
     disable_dropout(model)
+    if lora:  # a classifier's head is trained whole: float32, as every trained weight is
+        float32_head(model)
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
     model = model.to(runtime.device)
@@ -487,6 +489,18 @@ def disable_dropout(model) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules' functional dropout
             module.attention_dropout = 0.0
+
+
+def float32_head(model) -> None:
+    """A sequence classifier's head in float32, before LoRA wraps the model: peft trains the head as a full copy of it
+    (modules_to_save), which a bf16 base would make bf16, where a small update rounds away. Its input is cast to
+    float32 to match (autocast does that on CUDA; the CPU runs none)."""
+    for name in ("score", "classifier"):  # the heads peft copies
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            head.float()
+            head.register_forward_pre_hook(lambda _, inputs: tuple(
+                x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs))
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import dpo
 from helpers import SHORT_RUN, cached_runner
@@ -139,3 +139,28 @@ def test_ppo_trains_a_lora_policy_and_value_model_against_a_lora_reward_model(tm
     resumed = ppo_rlhf.train(ppo_rlhf.Args(**{**ppo_args, "output_dir": str(tmp_path / "again"),
                                               "resume_from": str(tmp_path / "ppo" / "checkpoint-1")}))
     assert resumed["objective/score"] == full["objective/score"] and resumed["loss/value"] == full["loss/value"]
+
+
+def test_a_classifiers_trained_head_stays_float32_on_a_bf16_base(toy_model_dir, batch):
+    """peft trains a sequence classifier's head (`score`: reward_model.py's, ppo_rlhf.py's value model) as a full copy.
+    On a bf16 base that copy was bf16, and AdamW's first step at a real model's learning rate, 1e-5 a weight, is under
+    half a unit in the last place of any bf16 weight of size 2^-8 or more (half a unit there: 2^-16 = 1.5e-5), so it
+    rounded away: measured, 20 of the toy head's 128 weights moved (those under 2^-8, as N(0, 0.02) leads one to
+    expect). The copy is float32, as every trained weight is, its input is cast to match (the CPU runs no autocast),
+    and one step moves every weight of it. The base stays bf16."""
+    args = lora_args(dtype="bfloat16")
+    model = dpo.unwrap(dpo.load_model(str(toy_model_dir), args, CPU, trained=True,
+                                      model_class=AutoModelForSequenceClassification, num_labels=1, pad_token_id=0))
+    trained = dict(model.named_parameters())
+    trained = {n: p for n, p in trained.items() if p.requires_grad}
+    head = {n: p.detach().clone() for n, p in trained.items() if "score" in n}
+    assert head and all(p.dtype == torch.float32 for p in trained.values())
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "score" not in n}
+    assert frozen == {torch.bfloat16}  # the base; its own head, the copy's original, is float32 too
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-5)
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, 1)
+    assert scores.dtype == torch.float32
+    (scores[:4] - scores[4:]).sum().backward()
+    optimizer.step()
+    for name, before in head.items():
+        assert (trained[name].detach() != before).all(), name
