@@ -497,6 +497,8 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
         float32_head(model)
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
+    if adapter and not lora:  # merged in float32: trained in full, or frozen in --dtype
+        model = model.requires_grad_(True) if trained else model.to(DTYPES[args.dtype])
     model = model.to(runtime.device)
     if runtime.device.type == "cpu":  # weights read from a file keep its offsets; the CPU kernels round by alignment
         for p in model.parameters():
@@ -524,18 +526,23 @@ def saved_adapter(path: str) -> Optional[dict]:
 
 def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
     """`model` with a LoRA adapter (peft, imported only here): a new one from the --lora_* flags, or the one saved at
-    adapter_path, kept apart to train (trainable) or merged in, in float32, and cast to --dtype."""
+    adapter_path, kept apart to train (trainable) or merged in, in the base's dtype. An adapter saved for another kind
+    of model (a causal LM's for a classifier) is refused, naming the directory."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     if adapter_path is None:
-        task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else [
             name.strip() for name in args.lora_target_modules.split(",")]
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                             target_modules=targets, task_type=task)
         return get_peft_model(model, config)  # B = 0: the adapter adds exactly nothing at first
+    saved_task = saved_adapter(adapter_path).get("task_type")
+    if saved_task not in (None, task):
+        raise UsageError(f"{adapter_path!r} holds a {saved_task} adapter, which a {type(model).__name__} cannot take: "
+                         "start from its merged copy (a LoRA run's --merge_lora writes output_dir/merged)")
     model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
-    return model if trainable else model.merge_and_unload().to(DTYPES[args.dtype])
+    return model if trainable else model.merge_and_unload()
 
 
 def disable_dropout(model) -> None:
@@ -548,14 +555,15 @@ def disable_dropout(model) -> None:
 
 
 def float32_head(model) -> None:
-    """A sequence classifier's head in float32, before LoRA wraps the model: peft trains the head as a full copy of it
-    (modules_to_save), which a bf16 base would make bf16, where a small update rounds away. Its input is cast to
-    float32 to match (autocast does that on CUDA; the CPU runs none)."""
-    for name in ("score", "classifier"):  # the heads peft copies
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            head.float()
-            head.register_forward_pre_hook(lambda _, inputs: tuple(
+    """A sequence classifier's head in float32, before LoRA wraps the model: peft trains each module whose name ends in
+    "classifier" or "score" as a full copy of it (modules_to_save), which a bf16 base would make bf16, where a small
+    update rounds away. Their inputs are cast to float32 to match (autocast does that on CUDA; the CPU runs none)."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return
+    for name, module in model.named_modules():
+        if name.endswith(("classifier", "score")):  # peft's rule for the modules it trains whole
+            module.float()
+            module.register_forward_pre_hook(lambda _, inputs: tuple(
                 x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs))
 
 

@@ -42,7 +42,7 @@ def batch(toy_tokenizer):
 def test_step_zero_h_is_zero_and_the_loss_is_log_2(toy_model_dir, batch, dtype):
     """The disabled adapter is the reference. At step 0 the adapter adds exact zeros (B = 0), so h = 0 exactly, on a
     float32 or a bf16 base alike (policy and reference share it), and DPO's loss is log 2. No second model exists."""
-    args = lora_args(dtype=dtype)
+    args = lora_args(dtype=dtype, model_name_or_path=str(toy_model_dir))
     policy = dpo.load_model(str(toy_model_dir), args, CPU, trained=True)
     reference = dpo.load_reference(args, CPU, policy)
     assert isinstance(reference, dpo.AdapterOff) and reference.policy is policy
@@ -60,7 +60,7 @@ def test_step_zero_h_is_zero_and_the_loss_is_log_2(toy_model_dir, batch, dtype):
 def test_with_gradient_checkpointing_the_adapter_trains(toy_model_dir, batch):
     """PEFT with checkpointing can silently give no gradient when the inputs do not require grad. Here the adapter's
     gradient is nonzero at step 0 (its B factors'; A's is 0 while B = 0), and five AdamW steps lower the loss."""
-    args = lora_args(gradient_checkpointing=True)
+    args = lora_args(gradient_checkpointing=True, model_name_or_path=str(toy_model_dir))
     policy = dpo.load_model(str(toy_model_dir), args, CPU, trained=True).train()
     reference = dpo.load_reference(args, CPU, policy)
     ref_chosen, ref_rejected = dpo.ref_pair_logps(reference, None, batch, "train", CPU)
@@ -164,3 +164,44 @@ def test_a_classifiers_trained_head_stays_float32_on_a_bf16_base(toy_model_dir, 
     optimizer.step()
     for name, before in head.items():
         assert (trained[name].detach() != before).all(), name
+
+
+def test_a_lora_directory_trained_in_full_is_merged_in_float32_and_trains_every_weight(train_run, batch):
+    """Without --lora_r, a directory holding an adapter is merged into its base in float32 and trained whole, also with
+    --dtype bfloat16 (the dtype of frozen weights): every weight trainable and float32, with the log-probs of
+    --merge_lora's merged copy. Frozen, the same directory is merged and cast to --dtype. (A trained one was cast and
+    left frozen too, so ppo_rlhf.py's value model, which starts from the reward model, never trained on a LoRA one.)"""
+    run = train_run(merge_lora=True)
+    args = lora_args(lora_r=0, dtype="bfloat16")
+    model = dpo.unwrap(dpo.load_model(str(run.out), args, CPU, trained=True))
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    merged = AutoModelForCausalLM.from_pretrained(run.out / "merged").eval()
+    torch.testing.assert_close(response_logps(model, batch), response_logps(merged, batch), rtol=0, atol=1e-6)
+    frozen = dpo.unwrap(dpo.load_model(str(run.out), args, CPU, trained=False))
+    assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in frozen.parameters())
+
+
+def test_a_lora_directory_as_the_policy_with_lora_r_is_refused(train_run, batch):
+    """With --lora_r the reference is the policy with its adapter switched off. A run starting from a directory that
+    holds an adapter trains that adapter on, so switching it off leaves the bare base, not the starting policy: h would
+    not be 0 at step 0 (shown here). Refused, naming the way out; a named reference is taken."""
+    run = train_run(merge_lora=True)
+    args = lora_args(model_name_or_path=str(run.out))
+    policy = dpo.load_model(str(run.out), args, CPU, trained=True)
+    with torch.no_grad():
+        gap = (torch.cat(policy(dpo.pair_logps, batch)) - torch.cat(dpo.AdapterOff(policy)(dpo.pair_logps, batch)))
+    assert gap.abs().max() > 1e-2  # what the reference would get wrong
+    with pytest.raises(dpo.UsageError, match="holds a LoRA adapter: with --lora_r the reference would be its base"):
+        dpo.load_reference(args, CPU, policy)
+    named = lora_args(model_name_or_path=str(run.out), ref_model_name_or_path=str(run.out / "merged"))
+    reference = dpo.unwrap(dpo.load_reference(named, CPU, policy))
+    assert not any(p.requires_grad for p in reference.parameters())
+
+
+def test_an_adapter_for_another_kind_of_model_is_refused(train_run):
+    """A causal LM's adapter (dpo.py's) cannot start a classifier (ppo_rlhf.py's value model from a LoRA policy): peft
+    would fail deep inside with an AttributeError. Refused, naming the directory."""
+    run = train_run(merge_lora=True)
+    with pytest.raises(dpo.UsageError, match="holds a CAUSAL_LM adapter, which a .*ForSequenceClassification cannot"):
+        dpo.load_model(str(run.out), lora_args(lora_r=0), CPU, trained=True,
+                       model_class=AutoModelForSequenceClassification, num_labels=1, pad_token_id=0)
