@@ -9,7 +9,12 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+)
 
 import dpo
 from helpers import SHORT_RUN, cached_runner
@@ -194,8 +199,10 @@ def test_a_lora_directory_as_the_policy_with_lora_r_is_refused(train_run, batch)
     with pytest.raises(dpo.UsageError, match="holds a LoRA adapter: with --lora_r the reference would be its base"):
         dpo.load_reference(args, CPU, policy)
     named = lora_args(model_name_or_path=str(run.out), ref_model_name_or_path=str(run.out / "merged"))
-    reference = dpo.unwrap(dpo.load_reference(named, CPU, policy))
-    assert not any(p.requires_grad for p in reference.parameters())
+    reference = dpo.load_reference(named, CPU, policy)
+    with torch.no_grad():  # the merged copy is the starting policy: h = 0 at step 0, to float32's rounding
+        got, want = (torch.cat(model(dpo.pair_logps, batch)) for model in (reference, policy))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_an_adapter_for_another_kind_of_model_is_refused(train_run):
@@ -205,3 +212,20 @@ def test_an_adapter_for_another_kind_of_model_is_refused(train_run):
     with pytest.raises(dpo.UsageError, match="holds a CAUSAL_LM adapter, which a .*ForSequenceClassification cannot"):
         dpo.load_model(str(run.out), lora_args(lora_r=0), CPU, trained=True,
                        model_class=AutoModelForSequenceClassification, num_labels=1, pad_token_id=0)
+
+
+def test_every_module_peft_trains_whole_is_float32(tmp_path):
+    """peft trains whole each module of a classifier whose name ends in "classifier" or "score": DistilBERT's
+    `pre_classifier` as well as its `classifier` (a tiny one, built here). Both copies are float32 on a bf16 base, and
+    the model runs on the CPU. (all-linear would put LoRA on pre_classifier, which peft cannot also copy.)"""
+    config = DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32,
+                              num_labels=1)
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    args = lora_args(dtype="bfloat16", lora_target_modules="q_lin,v_lin")
+    model = dpo.unwrap(dpo.load_model(str(tmp_path), args, CPU, trained=True,
+                                      model_class=DistilBertForSequenceClassification))
+    whole = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert {n.split(".")[2] for n in whole} == {"pre_classifier", "classifier"}
+    assert set(whole.values()) == {torch.float32}
+    assert model(input_ids=torch.randint(0, 50, (2, 5))).logits.dtype == torch.float32
