@@ -119,8 +119,8 @@ class Args:
     """batch rows of similar length (within shuffled mega-batches) to cut padding"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
-    attn_implementation: str = "sdpa"
-    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
+    attn_implementation: Optional[str] = None
+    """attention kernel for from_pretrained (sdpa, eager, flash_attention_2, ...); None: sdpa where the model has it"""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights stay float32, the loss is taken in float32); ignored on CPU and MPS"""
     device: str = "auto"

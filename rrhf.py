@@ -127,8 +127,8 @@ class Args:
     """recompute activations in the backward pass to save memory"""
     logp_chunk_tokens: int = 4096
     """LM-head chunk, in response positions (recomputed in backward; 2.5 GB of logits at a 152k vocab); 0: no chunks"""
-    attn_implementation: str = "sdpa"
-    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
+    attn_implementation: Optional[str] = None
+    """attention kernel for from_pretrained (sdpa, eager, flash_attention_2, ...); None: sdpa where the model has it"""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"

@@ -128,8 +128,8 @@ class Args:
     """recompute activations in the backward pass to save memory"""
     logp_chunk_tokens: int = 4096
     """LM-head chunk, in response positions (recomputed in backward; 2.5 GB of logits at a 152k vocab); 0: no chunks"""
-    attn_implementation: str = "sdpa"
-    """attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, ..."""
+    attn_implementation: Optional[str] = None
+    """attention kernel for from_pretrained (sdpa, eager, flash_attention_2, ...); None: sdpa where the model has it"""
     bf16: bool = True
     """autocast to bfloat16 on CUDA (weights and log-softmax stay float32); ignored on CPU and MPS"""
     device: str = "auto"
@@ -826,12 +826,13 @@ def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_token
     every rank) has sampled one of eos_ids; what a row samples after it is cut by truncate_after_eos.
     """
     position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding must not shift positions
-    out = model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    out = model.base_model(input_ids=query, attention_mask=query_mask, position_ids=position_ids, use_cache=True)
     attention_mask, position = query_mask, position_ids[:, -1:]
     eos = torch.tensor(eos_ids, device=query.device)
     tokens, done = [], torch.zeros(len(query), dtype=torch.bool, device=query.device)
     while True:
-        token = sample_tokens(out.logits[:, -1], temperature, uniforms[:, len(tokens)])  # (B, 1)
+        logits = lm_logits(model, out.last_hidden_state[:, -1])  # (B, V), as the log-probs trained on are made
+        token = sample_tokens(logits, temperature, uniforms[:, len(tokens)])  # (B, 1)
         tokens.append(token)
         done |= torch.isin(token[:, 0], eos)
         finished = done.all().int()
@@ -844,8 +845,8 @@ def generate(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_token
         # the model's own KV cache, passed back under the name its output gives it: `cache` in recent transformers 5.x
         # (where `past_key_values` warns that it goes in 5.40), `past_key_values` in earlier ones
         cache_name = "cache" if "cache" in out else "past_key_values"
-        out = model(input_ids=token, attention_mask=attention_mask, position_ids=position, use_cache=True,
-                    **{cache_name: out[cache_name]})
+        out = model.base_model(input_ids=token, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                               **{cache_name: out[cache_name]})
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:

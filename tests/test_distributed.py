@@ -235,13 +235,25 @@ def test_inverse_cdf_sampling_draws_from_the_tempered_softmax():
     softmax(l / T), and the -inf token never drawn."""
     from types import SimpleNamespace
 
+    from transformers import PretrainedConfig
+
     import ppo_rlhf as ppo
 
     logits = torch.tensor([1.0, -0.5, 2.0, float("-inf"), 0.3])
 
-    class Fixed(torch.nn.Module):
+    class Body(torch.nn.Module):
         def forward(self, input_ids, **kwargs):
-            return SimpleNamespace(logits=logits.expand(len(input_ids), 1, -1), past_key_values=None)
+            return SimpleNamespace(last_hidden_state=logits.expand(len(input_ids), 1, -1), past_key_values=None)
+
+    class Fixed(torch.nn.Module):
+        """Its final hidden state is the logits themselves, which an identity LM head reads out."""
+
+        def __init__(self):
+            super().__init__()
+            self.base_model, self.config = Body(), PretrainedConfig()
+
+        def get_output_embeddings(self):
+            return torch.nn.Identity()
 
     n = 20_000
     query = torch.ones(n, 1, dtype=torch.long)

@@ -21,6 +21,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -210,3 +212,34 @@ def test_inverse_cdf_keeps_rare_tokens_probabilities():
         assert end - start == pytest.approx(weights[k] / total, rel=1e-3, abs=0), k
     middle = torch.tensor([sum(edges[k]) / 2 for k in rare], dtype=torch.float64)
     assert spin.sample_tokens(logits.expand(len(rare), -1), 1.0, middle)[:, 0].tolist() == rare  # spin's copy too
+
+
+# --------------------------------------------------------------------------- the sampler's logits are the scorer's
+def test_the_sampler_draws_from_the_logits_the_policy_is_scored_with(monkeypatch):
+    """Gemma 2 soft-caps its logits, tanh(z / 30) * 30. Under bf16 autocast (CUDA's; the CPU's here) its own forward
+    caps them in bf16, while every log-prob the scripts train on comes from lm_logits, which caps in float32. The
+    sampler took the model's own logits, so it drew from one distribution and scored with another. It now samples from
+    lm_logits of the final hidden state. A tiny Gemma 2 built here, its head scaled x30 for logits of a real model's
+    spread (std 3.4): measured, the sampler's log-probs equal a full forward's through lm_logits (0 apart), and the
+    model's own are 0.074 nats off."""
+    config = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0,
+                          tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    seen, sample = [], ppo.sample_tokens
+    monkeypatch.setattr(ppo, "sample_tokens", lambda z, *rest: seen.append(z.float()) or sample(z, *rest))
+    query, mask = ppo.left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    uniforms = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ppo.generate(model, query, mask, 4, 1.0, [-1], uniforms)
+        hidden, width = ppo.forward_hidden(model, query, mask, out, torch.ones_like(out))
+        scored = ppo.lm_logits(model, hidden[:, width - 1 : width - 1 + out.shape[1]]).log_softmax(-1)
+        full_mask = torch.cat([mask, torch.ones_like(out)], dim=1)
+        own = model(input_ids=torch.cat([query, out], dim=1), attention_mask=full_mask,
+                    position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, query.shape[1] - 1 : -1]
+    sampled = torch.stack(seen, dim=1).log_softmax(-1)  # (B, R, V)
+    assert (sampled - scored).abs().max() < 1e-4
+    assert (own.float().log_softmax(-1) - scored).abs().max() > 1e-2  # what the model's own logits would get wrong
