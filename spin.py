@@ -493,8 +493,6 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
                                         **kwargs)
     model.logp_chunk_tokens = getattr(args, "logp_chunk_tokens", 0)  # sequence_logps's chunks (in_chunks)
     disable_dropout(model)
-    if lora:  # a classifier's head is trained whole: float32, as every trained weight is
-        float32_head(model)
     if lora or adapter:
         model = with_adapter(model, path if adapter else None, args, trainable=lora)
     if adapter and not lora:  # merged in float32: trained in full, or frozen in --dtype
@@ -531,6 +529,8 @@ def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+    if trainable and task == "SEQ_CLS":  # peft trains a classifier's head whole: float32, as every trained weight
+        float32_head(model)
     if adapter_path is None:
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else [
             name.strip() for name in args.lora_target_modules.split(",")]
@@ -558,8 +558,6 @@ def float32_head(model) -> None:
     """A sequence classifier's head in float32, before LoRA wraps the model: peft trains each module whose name ends in
     "classifier" or "score" as a full copy of it (modules_to_save), which a bf16 base would make bf16, where a small
     update rounds away. Their inputs are cast to float32 to match (autocast does that on CUDA; the CPU runs none)."""
-    if not type(model).__name__.endswith("ForSequenceClassification"):
-        return
     for name, module in model.named_modules():
         if name.endswith(("classifier", "score")):  # peft's rule for the modules it trains whole
             module.float()

@@ -156,8 +156,7 @@ def test_a_classifiers_trained_head_stays_float32_on_a_bf16_base(toy_model_dir, 
     args = lora_args(dtype="bfloat16")
     model = dpo.unwrap(dpo.load_model(str(toy_model_dir), args, CPU, trained=True,
                                       model_class=AutoModelForSequenceClassification, num_labels=1, pad_token_id=0))
-    trained = dict(model.named_parameters())
-    trained = {n: p for n, p in trained.items() if p.requires_grad}
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     head = {n: p.detach().clone() for n, p in trained.items() if "score" in n}
     assert head and all(p.dtype == torch.float32 for p in trained.values())
     frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "score" not in n}

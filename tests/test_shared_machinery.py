@@ -11,7 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FalconH1Config, GPT2Config, HyperCLOVAXConfig, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    FalconH1Config,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    HyperCLOVAXConfig,
+    LlamaConfig,
+)
 
 import dpo
 from helpers import TINY
@@ -65,6 +73,20 @@ def test_attn_implementation_reaches_from_pretrained(script, toy_model_dir):
         args = SimpleNamespace(**{**vars(ARGS), "attn_implementation": kernel})
         model = module.unwrap(module.load_model(str(toy_model_dir), args, CPU, trained=False))
         assert model.config._attn_implementation == used
+
+
+def test_the_default_attention_loads_a_model_without_sdpa(tmp_path):
+    """Gemma 2 refuses attn_implementation="sdpa" (the old default, which stopped every script loading it); the
+    default, None, gets it eager. A tiny Gemma 2, built here, through dpo.py's copy of load_model."""
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not support"):
+        dpo.load_model(str(tmp_path), SimpleNamespace(**{**vars(ARGS), "attn_implementation": "sdpa"}), CPU,
+                       trained=False)
+    args = SimpleNamespace(**{**vars(ARGS), "attn_implementation": dpo.Args.attn_implementation})
+    model = dpo.unwrap(dpo.load_model(str(tmp_path), args, CPU, trained=False))
+    assert model.config._attn_implementation == "eager"
 
 
 def test_step_zero_dpo_loss_is_log_2_on_a_model_with_dropout(toy_model_dir, toy_tokenizer, tmp_path):
