@@ -483,10 +483,14 @@ def with_adapter(model, adapter_path: Optional[str], args, trainable: bool):
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                             target_modules=targets, task_type=task)
         return get_peft_model(model, config)  # B = 0: the adapter adds exactly nothing at first
-    saved_task = saved_adapter(adapter_path).get("task_type")
-    if saved_task not in (None, task):
-        raise UsageError(f"{adapter_path!r} holds a {saved_task} adapter, which a {type(model).__name__} cannot take: "
-                         "start from its merged copy (a LoRA run's --merge_lora writes output_dir/merged)")
+    saved = saved_adapter(adapter_path)
+    if saved.get("task_type") not in (None, task):
+        raise UsageError(f"{adapter_path!r} holds a {saved['task_type']} adapter, which a {type(model).__name__} "
+                         "cannot take: start from its merged copy (a LoRA run's --merge_lora writes output_dir/merged)")
+    if trainable and (saved.get("r"), saved.get("lora_alpha")) != (args.lora_r, args.lora_alpha):
+        print(f"{adapter_path}: training its adapter on as saved (r={saved.get('r')}, lora_alpha="
+              f"{saved.get('lora_alpha')}); --lora_r {args.lora_r} and --lora_alpha {args.lora_alpha} apply to new "
+              "adapters only")
     model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
     return model if trainable else model.merge_and_unload()
 

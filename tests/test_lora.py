@@ -228,3 +228,16 @@ def test_every_module_peft_trains_whole_is_float32(tmp_path):
     assert {n.split(".")[2] for n in whole} == {"pre_classifier", "classifier"}
     assert set(whole.values()) == {torch.float32}
     assert model(input_ids=torch.randint(0, 50, (2, 5))).logits.dtype == torch.float32
+
+
+def test_a_saved_adapter_trained_on_with_other_lora_flags_says_so(train_run, capsys):
+    """A directory holding an adapter, loaded to train with --lora_r, trains that adapter on at its saved rank and
+    alpha. Other --lora_r / --lora_alpha flags cannot apply to it, and were ignored without a word; the run now names
+    both. The same flags as saved (a resumed run's) print nothing."""
+    run = train_run()
+    model = dpo.unwrap(dpo.load_model(str(run.out), lora_args(lora_r=4, lora_alpha=8.0), CPU, trained=True))
+    ranks = {p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+    assert ranks == {8}  # the saved rank, not --lora_r 4
+    assert "training its adapter on as saved (r=8, lora_alpha=16" in capsys.readouterr().out
+    dpo.load_model(str(run.out), lora_args(), CPU, trained=True)
+    assert "as saved" not in capsys.readouterr().out
