@@ -430,8 +430,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path
-    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
-        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
+    if adapter and os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG)):  # a classifier's, which its base lacks
+        saved = AutoConfig.from_pretrained(os.path.join(path, CLASSIFIER_CONFIG))
+        kwargs = {"num_labels": saved.num_labels, "pad_token_id": saved.pad_token_id, **kwargs}
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
     model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
                                         **kwargs)
@@ -455,6 +456,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# a classifier adapter's model config (head size, pad id), saved beside it; not config.json, which would make
+# transformers read the directory as a whole model instead of an adapter
+CLASSIFIER_CONFIG = "classifier_config.json"
 
 
 def saved_adapter(path: str) -> Optional[dict]:
@@ -766,7 +770,7 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     A merge across the boundary changes the prompt's last tokens; the tokens
     from the first difference on are the response (TRL does the same).
     """
-    add_special = not templated  # a chat template already writes its own bos
+    add_special = not templated and not bos_written(tokenizer, prompt)  # a chat template writes its own bos
     prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
     full_ids = tokenizer(prompt + response, add_special_tokens=add_special)["input_ids"]
     n = 0
@@ -776,6 +780,12 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     if not response_ids or not ends_turn(tokenizer, response_ids[-1], templated):  # an empty answer is <eos> alone
         response_ids = response_ids + [tokenizer.eos_token_id]
     return full_ids[:n], response_ids
+
+
+def bos_written(tokenizer, text: str) -> bool:
+    """Whether text begins with the tokenizer's bos written out (a chat template's rendering stored as a string): the
+    tokenizer must not add a second one."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 def ends_turn(tokenizer, token_id: int, templated: bool) -> bool:
@@ -1283,8 +1293,8 @@ def save_model(path: str, model) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
-                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
-            hf_model(unwrap(model)).config.save_pretrained(path)
+                "ForSequenceClassification"):  # a classifier's adapter: its config too (head size, pad id)
+            hf_model(unwrap(model)).config.to_json_file(os.path.join(path, CLASSIFIER_CONFIG))
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:

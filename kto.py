@@ -484,8 +484,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path
-    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
-        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
+    if adapter and os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG)):  # a classifier's, which its base lacks
+        saved = AutoConfig.from_pretrained(os.path.join(path, CLASSIFIER_CONFIG))
+        kwargs = {"num_labels": saved.num_labels, "pad_token_id": saved.pad_token_id, **kwargs}
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
     model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
                                         **kwargs)
@@ -509,6 +510,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# a classifier adapter's model config (head size, pad id), saved beside it; not config.json, which would make
+# transformers read the directory as a whole model instead of an adapter
+CLASSIFIER_CONFIG = "classifier_config.json"
 
 
 def saved_adapter(path: str) -> Optional[dict]:
@@ -737,6 +741,9 @@ def labelled_texts(dataset, name: str, tokenizer, desc: str) -> tuple[list[tuple
     for i, row in enumerate(tqdm(dataset, desc=f"reading {desc}", leave=False)):
         if pairwise:
             found = row_texts(row, i, tokenizer)  # (prompt, chosen, rejected, templated)
+            if found is not None and found[1] == found[2]:  # a tie: not one desirable and one undesirable answer
+                skipped["chosen equals rejected"] += 1
+                continue
             usable = [] if found is None else [(found[0], found[k], found[3], k == 1) for k in (1, 2)]
         else:
             label = row["label"]
@@ -764,11 +771,11 @@ def tokenize_unpaired(dataset, tokenizer, args, desc: str) -> list[dict]:
     its `label`, its `index` among the kept rows and its `row` in the dataset.
     """
     texts, skipped, unit = labelled_texts(dataset, args.dataset_name, tokenizer, desc)
-    tokenized = []
+    tokenized, merged = [], 0
     for prompt, completion, templated, label, i in tqdm(texts, desc=f"tokenizing {desc}", leave=False):
         prompt_ids, completion_ids = tokenize_response(tokenizer, prompt, completion, templated)
         if not prompt_ids:  # the whole prompt merged into the completion: no condition left
-            skipped["empty prompt or completion"] += 1
+            merged += 1  # a row, which for pairs is one of a pair's two
             continue
         tokenized.append((prompt_ids, completion_ids, label, i))
     if not tokenized:
@@ -791,6 +798,8 @@ def tokenize_unpaired(dataset, tokenizer, args, desc: str) -> list[dict]:
     desirable = sum(row["label"] for row in rows)
     empty = sum(ids == [tokenizer.eos_token_id] for _, ids, _, _ in tokenized)
     report = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+    if merged:
+        report += f"; skipped rows: whole prompt merged into the completion: {merged}"
     print(f"{desc}: {len(rows)} rows kept from {len(dataset)} {unit}: {desirable} desirable, {len(rows) - desirable} "
           f"undesirable ({empty} empty completions scored as <eos> alone); {truncated} sequences truncated to "
           f"{args.max_length} tokens (mismatched ones included); skipped {unit}: {report}")
@@ -888,7 +897,7 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     A merge across the boundary changes the prompt's last tokens; the tokens
     from the first difference on are the response (TRL does the same).
     """
-    add_special = not templated  # a chat template already writes its own bos
+    add_special = not templated and not bos_written(tokenizer, prompt)  # a chat template writes its own bos
     prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
     full_ids = tokenizer(prompt + response, add_special_tokens=add_special)["input_ids"]
     n = 0
@@ -898,6 +907,12 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     if not response_ids or not ends_turn(tokenizer, response_ids[-1], templated):  # an empty answer is <eos> alone
         response_ids = response_ids + [tokenizer.eos_token_id]
     return full_ids[:n], response_ids
+
+
+def bos_written(tokenizer, text: str) -> bool:
+    """Whether text begins with the tokenizer's bos written out (a chat template's rendering stored as a string): the
+    tokenizer must not add a second one."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 def ends_turn(tokenizer, token_id: int, templated: bool) -> bool:
@@ -1391,8 +1406,8 @@ def save_model(path: str, model) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
-                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
-            hf_model(unwrap(model)).config.save_pretrained(path)
+                "ForSequenceClassification"):  # a classifier's adapter: its config too (head size, pad id)
+            hf_model(unwrap(model)).config.to_json_file(os.path.join(path, CLASSIFIER_CONFIG))
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:

@@ -66,6 +66,7 @@ from datasets import DatasetDict, load_dataset
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import cached_file
 
 
 @dataclass
@@ -524,8 +525,9 @@ def load_tokenizer(path: str):
 
 
 def check_same_tokenizer(rm_path: str, tokenizer) -> None:
-    """The reward model scores the policy's token ids: where it has its own tokenizer, the vocabularies must match."""
-    if os.path.isfile(os.path.join(rm_path, "tokenizer_config.json")):
+    """The reward model scores the policy's token ids: where it has its own tokenizer (in a local directory or a hub
+    repository), the vocabularies must match."""
+    if cached_file(rm_path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False) is not None:
         if AutoTokenizer.from_pretrained(rm_path).get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"the reward model {rm_path!r} has another tokenizer than the policy; it must score the "
                              "policy's tokens")
@@ -543,8 +545,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path
-    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
-        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
+    if adapter and os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG)):  # a classifier's, which its base lacks
+        saved = AutoConfig.from_pretrained(os.path.join(path, CLASSIFIER_CONFIG))
+        kwargs = {"num_labels": saved.num_labels, "pad_token_id": saved.pad_token_id, **kwargs}
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
     model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
                                         **kwargs)
@@ -568,6 +571,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# a classifier adapter's model config (head size, pad id), saved beside it; not config.json, which would make
+# transformers read the directory as a whole model instead of an adapter
+CLASSIFIER_CONFIG = "classifier_config.json"
 
 
 def saved_adapter(path: str) -> Optional[dict]:
@@ -786,7 +792,7 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, desc: str) -> l
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own bos
         elif isinstance(prompt, str):
-            ids = tokenizer(prompt)["input_ids"]
+            ids = tokenizer(prompt, add_special_tokens=not bos_written(tokenizer, prompt))["input_ids"]
         else:
             raise UsageError(f"row {i}: 'prompt' should be a string or a list of {{'role', 'content'}} messages, got "
                              f"{type(prompt).__name__}")
@@ -797,6 +803,12 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, desc: str) -> l
     if not prompts:
         raise UsageError(f"no usable prompts in the {desc} split")
     return prompts
+
+
+def bos_written(tokenizer, text: str) -> bool:
+    """Whether text begins with the tokenizer's bos written out (a chat template's rendering stored as a string): the
+    tokenizer must not add a second one."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 def prompt_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -1406,8 +1418,8 @@ def save_model(path: str, model) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
-                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
-            hf_model(unwrap(model)).config.save_pretrained(path)
+                "ForSequenceClassification"):  # a classifier's adapter: its config too (head size, pad id)
+            hf_model(unwrap(model)).config.to_json_file(os.path.join(path, CLASSIFIER_CONFIG))
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:

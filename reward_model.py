@@ -7,8 +7,7 @@ Objective (Eq. 1): a scalar head r_phi(x, y) on a language model, trained under 
 
     P(y_w > y_l | x) = sigmoid(r_phi(x, y_w) - r_phi(x, y_l)),    L = -E[ log sigmoid(r_w - r_l) ]
 
-Only differences of r within a prompt enter the loss, so its population minimiser is the true reward up to a
-per-prompt constant: r_phi = r + c(x).
+Only differences of r within a prompt enter the loss: its population minimiser is r_phi = r + c(x), for any c(x).
 
 Deviations and options
 - Data are pairs, each its own example; InstructGPT puts all C(K, 2) comparisons of a prompt's K answers in one batch
@@ -30,7 +29,8 @@ Usage
         --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 1e-5 --num_train_epochs 1 \\
         --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_length 1024 \\
         --gradient_checkpointing --output_dir runs/rm-qwen
-The result loads with `AutoModelForSequenceClassification.from_pretrained(output_dir)`.
+The result loads with `AutoModelForSequenceClassification.from_pretrained(output_dir)`; a LoRA adapter (--lora_r)
+with `num_labels=1, pad_token_id=tokenizer.pad_token_id` added, or from output_dir/merged (--merge_lora).
 
 Logged metrics (one dict per optimizer step; printed every --logging_steps, and to wandb with --track)
     train/loss                  mean loss (Bradley-Terry, plus margin and centring terms if on)
@@ -431,8 +431,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
     """
     lora, adapter = trained and args.lora_r > 0, saved_adapter(path)
     base = adapter["base_model_name_or_path"] if adapter else path
-    if adapter and os.path.isfile(os.path.join(path, "config.json")):  # saved beside it: a classifier's head size
-        kwargs.setdefault("num_labels", AutoConfig.from_pretrained(path).num_labels)
+    if adapter and os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG)):  # a classifier's, which its base lacks
+        saved = AutoConfig.from_pretrained(os.path.join(path, CLASSIFIER_CONFIG))
+        kwargs = {"num_labels": saved.num_labels, "pad_token_id": saved.pad_token_id, **kwargs}
     dtype = torch.float32 if (trained and not lora) or (adapter and not lora) else DTYPES[args.dtype]
     model = model_class.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation,
                                         **kwargs)
@@ -456,6 +457,9 @@ def load_model(path: str, args, runtime: Runtime, trained: bool, model_class=Aut
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# a classifier adapter's model config (head size, pad id), saved beside it; not config.json, which would make
+# transformers read the directory as a whole model instead of an adapter
+CLASSIFIER_CONFIG = "classifier_config.json"
 
 
 def saved_adapter(path: str) -> Optional[dict]:
@@ -743,7 +747,7 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     A merge across the boundary changes the prompt's last tokens; the tokens
     from the first difference on are the response (TRL does the same).
     """
-    add_special = not templated  # a chat template already writes its own bos
+    add_special = not templated and not bos_written(tokenizer, prompt)  # a chat template writes its own bos
     prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
     full_ids = tokenizer(prompt + response, add_special_tokens=add_special)["input_ids"]
     n = 0
@@ -753,6 +757,12 @@ def tokenize_response(tokenizer, prompt: str, response: str, templated: bool) ->
     if not response_ids or not ends_turn(tokenizer, response_ids[-1], templated):  # an empty answer is <eos> alone
         response_ids = response_ids + [tokenizer.eos_token_id]
     return full_ids[:n], response_ids
+
+
+def bos_written(tokenizer, text: str) -> bool:
+    """Whether text begins with the tokenizer's bos written out (a chat template's rendering stored as a string): the
+    tokenizer must not add a second one."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 def ends_turn(tokenizer, token_id: int, templated: bool) -> bool:
@@ -1117,8 +1127,8 @@ def save_model(path: str, model) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         unwrap(model).save_pretrained(path, state_dict=weights)
         if hasattr(unwrap(model), "peft_config") and type(hf_model(unwrap(model))).__name__.endswith(
-                "ForSequenceClassification"):  # a classifier's adapter: its config too, which gives the head's size
-            hf_model(unwrap(model)).config.save_pretrained(path)
+                "ForSequenceClassification"):  # a classifier's adapter: its config too (head size, pad id)
+            hf_model(unwrap(model)).config.to_json_file(os.path.join(path, CLASSIFIER_CONFIG))
 
 
 def save_merged(adapter_path: str, path: str, model, tokenizer) -> None:

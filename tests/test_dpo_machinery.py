@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, models, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import dpo
+import grpo
 from helpers import (
     CONFIGS,
     N_TRAIN,
@@ -160,6 +161,19 @@ def test_tokenize_response_boundary(bpe_tokenizer, prompt, response, response_to
     assert tok.convert_ids_to_tokens(response_ids) == response_tokens
     assert prompt_ids == tok(prompt, add_special_tokens=special)["input_ids"][: len(prompt_ids)]
     assert (prompt_ids[0] == tok.bos_token_id) == (bpe_tokenizer.adds_bos and special)
+
+
+def test_text_that_writes_its_bos_gets_no_second_one(bpe_tokenizer):
+    """A text column may hold a prompt a chat template rendered, bos included. A tokenizer that adds bos (Llama's,
+    Gemma's) put a second one before it. Now such text keeps the one it writes, as a templated prompt does, in the
+    pairs and in the samplers' prompts (grpo.py's copy of tokenize_prompts, as in ppo_rlhf.py and online_dpo.py)."""
+    tok = bpe_tokenizer.tok
+    prompt_ids, response_ids = dpo.tokenize_response(tok, "<s>xa", "y", templated=False)
+    assert tok.convert_ids_to_tokens(prompt_ids) == ["<s>", "x", "a"]
+    assert (prompt_ids, response_ids) == dpo.tokenize_response(tok, "<s>xa", "y", templated=True)
+    prompts = grpo.tokenize_prompts(Dataset.from_dict({"prompt": ["<s>xa", "xa"]}), tok, 16, "train")
+    assert [tok.convert_ids_to_tokens(ids) for ids in prompts] == [
+        ["<s>", "x", "a"], ["<s>", "x", "a"] if bpe_tokenizer.adds_bos else ["x", "a"]]
 
 
 def test_template_layout_after_the_turn_end_is_not_scored():

@@ -178,6 +178,27 @@ def test_skipped_rows_are_counted(tmp_path, capsys):
     assert "skipped rows: empty prompt or completion: 1" in capsys.readouterr().out
 
 
+def test_a_tied_pair_is_skipped_and_a_row_skipped_alone_is_counted_as_a_row(tmp_path, capsys, monkeypatch):
+    """A pair whose answers are equal holds no preference: it was kept as a desirable and an undesirable copy of one
+    answer, reported nowhere. It is skipped, as dpo.py skips it. A row skipped at tokenization (its whole prompt
+    merged into its answer, forced here) is one of a pair's two rows: it is counted as a row, not as a pair."""
+    rows = rows_of(tmp_path, [{"prompt": P, "chosen": " good", "rejected": " good"},
+                              {"prompt": P, "chosen": " great food", "rejected": " bad"}])
+    assert [row["label"] for row in rows] == [True, False]
+    assert "from 2 pairs: 1 desirable, 1 undesirable" in (out := capsys.readouterr().out)
+    assert "skipped pairs: chosen equals rejected: 1\n" in out
+    real = kto.tokenize_response
+
+    def merging(tokenizer, prompt, response, templated):
+        prompt_ids, response_ids = real(tokenizer, prompt, response, templated)
+        return ([], prompt_ids + response_ids) if response == " bad" else (prompt_ids, response_ids)
+
+    monkeypatch.setattr(kto, "tokenize_response", merging)
+    rows = rows_of(tmp_path, [{"prompt": P, "chosen": " great food", "rejected": " bad"}])
+    assert [row["label"] for row in rows] == [True]
+    assert "skipped pairs: none; skipped rows: whole prompt merged into the completion: 1\n" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # starts a process: `python kto.py --help`
 def test_help_lists_the_method_flags_and_import_is_silent():
     result = python("kto.py", "--help")

@@ -8,6 +8,7 @@ head made from it (conftest's toy_dirs), so no test depends on a trained reward 
 """
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -18,6 +19,7 @@ import torch
 import wandb
 from datasets import Dataset
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -25,6 +27,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
 )
 
 import ppo_rlhf as ppo
@@ -32,6 +35,7 @@ from helpers import (
     CONFIGS,
     ROOT,
     TINY,
+    TOY,
     assert_same_weights,
     cached_runner,
     help_text,
@@ -382,3 +386,40 @@ def test_import_is_silent():
     result = subprocess.run([sys.executable, "-c", "import ppo_rlhf"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def other_tokenizer_dir(path: Path) -> Path:
+    """The toy tokenizer with two of its words' ids swapped: the same specials, another vocabulary."""
+    source = AutoTokenizer.from_pretrained(TOY / "model")
+    backend = json.loads(source.backend_tokenizer.to_str())
+    vocab = backend["model"]["vocab"]
+    vocab["food"], vocab["trip"] = vocab["trip"], vocab["food"]
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
+                                    eos_token=source.eos_token, pad_token=source.pad_token)
+    other.save_pretrained(path)
+    return path
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused_locally(tmp_path, toy_tokenizer):
+    """The reward model scores the policy's token ids, so its own tokenizer must have the policy's vocabulary."""
+    ppo.check_same_tokenizer(str(TOY / "model"), toy_tokenizer)  # the same: accepted
+    with pytest.raises(ppo.UsageError, match="has another tokenizer than the policy"):
+        ppo.check_same_tokenizer(str(other_tokenizer_dir(tmp_path / "rm")), toy_tokenizer)
+
+
+@pytest.mark.slow  # starts a process, with a hub cache of its own
+def test_a_hub_reward_model_with_another_tokenizer_is_refused(tmp_path):
+    """A hub name is no local file: the check looked for tokenizer_config.json on disk only, so a reward model from
+    the hub with another vocabulary scored the policy's ids as its own, without a word. Here the hub is an offline
+    cache holding such a repository (someorg/other-rm), laid out as a download leaves it."""
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someorg--other-rm"
+    snapshot = other_tokenizer_dir(repo / "snapshots" / commit)
+    (snapshot / "config.json").write_text((TOY / "model" / "config.json").read_text())  # as a model repository has
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("import ppo_rlhf as p, transformers as t; "
+            "p.check_same_tokenizer('someorg/other-rm', t.AutoTokenizer.from_pretrained('toy_world/model'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and "has another tokenizer than the policy" in result.stderr, result.stderr[-2000:]

@@ -12,6 +12,7 @@ import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ import reward_model as rm
 from helpers import TOY, assert_same_weights, cached_runner, head, python, softplus, toy_chat_ids
 
 N_TRAIN, N_TEST = 64, 16  # rows of toy data the training runs use
+CPU = rm.Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False)
 
 
 # --------------------------------------------------------------------------- shared fixtures
@@ -153,6 +155,38 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path, train_run):
         body = model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (T, H)
     torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(alone[0], model.score(body[-2])[0], rtol=0, atol=1e-5)  # the token before <eos>
+
+
+def test_a_lora_reward_model_loads_with_its_pad_id_here_and_with_transformers(tmp_path, train_run):
+    """A LoRA reward model on a base whose config has no pad id (Qwen's and Llama's have none; the tokenizer has one).
+    The script's loader rebuilt it from the base's config, so the pad id was lost: a padded batch failed in the model's
+    forward, and a pad == eos model was read at the wrong token. And the config.json saved beside the adapter made
+    transformers take the directory for a whole model, so from_pretrained failed. Now the loader restores the pad id
+    from classifier_config.json, and transformers loads the adapter given the head's size and the pad id, to the same
+    scores."""
+    model_dir = Path(shutil.copytree(TOY / "model", tmp_path / "nopad_config"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["pad_token_id"] = None
+    (model_dir / "config.json").write_text(json.dumps(config))
+    out = train_run(fresh=True, model_name_or_path=str(model_dir), max_steps=2, save_steps=0, lora_r=8).out
+    assert (out / "classifier_config.json").is_file() and not (out / "config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = ["<|user|> how was the food ? <|assistant|> great food <|end|>",
+             "<|user|> how was the trip ? <|assistant|> <|end|>"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    assert inputs["attention_mask"][1].sum() < inputs["attention_mask"].shape[1]  # a padded row
+    args = SimpleNamespace(lora_r=0, dtype="float32", attn_implementation=None, gradient_checkpointing=False,
+                           fsdp=False)
+    ours = rm.unwrap(rm.load_model(str(out), args, CPU, trained=False,
+                                   model_class=AutoModelForSequenceClassification))
+    assert ours.config.pad_token_id == tokenizer.pad_token_id is not None
+    theirs = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1,
+                                                                pad_token_id=tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        padded = ours(**inputs).logits[:, 0]
+        alone = torch.cat([ours(**tokenizer([t], return_tensors="pt")).logits[:, 0] for t in texts])
+        torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs(**inputs).logits[:, 0], padded, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- 2. data: formats, margins, bad columns
