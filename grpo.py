@@ -301,6 +301,7 @@ def load_reward_function(spec: str):
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module  # as an import does: dataclasses and pickling look their module up there
+        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # its own imports find the files beside it
         module_spec.loader.exec_module(module)
     else:
         sys.path.insert(0, os.getcwd())
@@ -337,7 +338,7 @@ def function_rewards(reward_fn, rows: list[dict], texts: list[str], ids: list[li
             rewards.append(math.nan)
         if not math.isfinite(rewards[-1]):
             raise UsageError(f"{name} returned {value!r} for completion {i} ({texts[i]!r}); every completion needs a "
-                             "finite reward")
+                             "finite reward (TRL counts None as 0, with a warning: return 0.0 where that is meant)")
     return torch.tensor(rewards, dtype=torch.float32)
 
 

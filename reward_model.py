@@ -125,7 +125,6 @@ class Args:
     """autocast to bfloat16 on CUDA (weights stay float32, the loss is taken in float32); ignored on CPU and MPS"""
     device: str = "auto"
     """'auto' picks cuda, then mps, then cpu (under torchrun, each process's own GPU)"""
-    """autocast to bfloat16 on CUDA (weights stay float32, the loss is taken in float32); ignored on CPU and MPS"""
     fsdp: bool = False
     """under torchrun, shard the models per decoder layer with FSDP2 instead of replicating them with DDP"""
     lora_r: int = 0

@@ -17,7 +17,7 @@ Deviations and options
 - Groups of different k share a batch, several prompts per step (the official code takes one prompt per device). A
   batch's loss is the mean over its groups of w * L_rank + L_ft, L_rank summed over the group's pairs as in the paper.
 - |y_i| counts response tokens, <eos> included (the official --length_penalty exponent is fixed at 1). L_ft is a token
-  mean over the best response (the official code averages over the padded width).
+  mean over the best response, where Eq. 3 sums its tokens and the official code divides by the padded width.
 - Tied scores make no pair; among tied top scores the SFT term takes the first. Rows whose scores are all tied, with
   fewer than 2 responses, or whose responses and scores differ in number are skipped, counted and reported.
 - Data: ranked rows (`prompt`, a list of k responses in --responses_column, k scores in --scores_column; strings, or
@@ -193,7 +193,7 @@ def rrhf_loss(
     ordered = valid[:, :, None] & valid[:, None, :] & (scores[:, :, None] < scores[:, None, :])  # (G, K, K): r_i < r_j
     rank = (torch.relu(p[:, :, None] - p[:, None, :]) * ordered).sum((1, 2))  # (G,) Eq. 2, ties make no pair
     best = torch.where(valid, scores, torch.full_like(scores, -torch.inf)).argmax(-1)  # (G,) the first top-scored one
-    sft = -p.gather(1, best[:, None]).squeeze(1)  # (G,) Eq. 3, the token-mean cross-entropy of the best response
+    sft = -p.gather(1, best[:, None]).squeeze(1)  # (G,) Eq. 3 as a token mean (the paper sums): -p_best
     losses = rank_weight * rank + sft  # (G,) Eq. 4
     return losses, rank.detach(), sft.detach(), p.detach()
 

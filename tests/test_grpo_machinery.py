@@ -143,6 +143,18 @@ def test_bad_reward_function_names(spec, match):
         grpo.load_reward_function(spec)
 
 
+def test_a_reward_file_imports_the_files_beside_it(tmp_path):
+    """A reward file that imports a module beside it runs as a script would, from any working directory (it failed
+    with a ModuleNotFoundError)."""
+    (tmp_path / "grading_helpers_beside.py").write_text("def length(text):\n    return float(len(text))\n")
+    (tmp_path / "scorer.py").write_text("from grading_helpers_beside import length\n\n\n"
+                                        "def score(completions, **kwargs):\n"
+                                        "    return [length(c) for c in completions]\n")
+    reward_fn = grpo.load_reward_function(f"{tmp_path / 'scorer.py'}:score")
+    assert grpo.function_rewards(reward_fn, [{"prompt": "a"}, {"prompt": "b"}], ["x", "yyy"], [[1], [2]]).tolist() == [
+        1.0, 3.0]
+
+
 @pytest.mark.parametrize("returned, match", [
     ([1.0], "should return a list of 2 floats"),
     ("ab", "should return a list of 2 floats"),
