@@ -299,8 +299,7 @@ def load_reward_function(spec: str):
             raise UsageError(f"--reward_fn {spec!r}: no file {path!r}")
         module_name = f"reward_fn_{os.path.splitext(os.path.basename(path))[0]}_{len(sys.modules)}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module  # as an import does: dataclasses and pickling look their module up there
+        sys.modules[module_name] = module = importlib.util.module_from_spec(module_spec)  # as imports are, for pickling
         sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # its own imports find the files beside it
         module_spec.loader.exec_module(module)
     else:

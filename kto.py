@@ -48,6 +48,7 @@ import atexit
 import contextlib
 import functools
 import gc
+import hashlib
 import json
 import math
 import os
@@ -275,6 +276,7 @@ def train(args: Args) -> dict:
                      for split, rows in (("train", train_rows), ("eval", eval_rows))}
         ref_model = None
         release_memory(runtime.device)
+    ref_logps = of_these_rows(ref_logps, train_rows, eval_rows)  # a resumed run's must be of these rows
 
     def batch_losses(rows: list[dict], split: str, n: int) -> tuple[torch.Tensor, dict, int]:
         """Losses of one batch, the metrics of its n real rows (of its stand-in if n = 0), and their policy tokens."""
@@ -1039,6 +1041,28 @@ def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: i
     if runtime.world > 1:
         dist.all_reduce(out)  # each row was computed on one rank, and is 0 on the others
     return out.cpu()
+
+
+def rows_fingerprint(*splits: list[dict]) -> str:
+    """A digest of the splits' rows (token ids, positions, labels): the same for the same rows in the same order."""
+    digest = hashlib.sha256()
+    for rows in splits:
+        for row in rows:
+            digest.update(repr(sorted(row.items())).encode())
+    return digest.hexdigest()
+
+
+def of_these_rows(ref_logps: Optional[dict], train_rows: list[dict], eval_rows: list[dict]) -> Optional[dict]:
+    """Precomputed reference log-probs, which are looked up by row, marked with the digest of the rows they are of. A
+    resumed run's saved ones must be of its own rows: another dataset, --seed or --max_length gives other rows, each
+    of which would get another's values. A checkpoint saved before the digest was kept is taken as it is."""
+    if ref_logps is None:
+        return None
+    rows = rows_fingerprint(train_rows, eval_rows)
+    if ref_logps.setdefault("rows", rows) != rows:
+        raise UsageError("the checkpoint's precomputed reference log-probs are of other rows than this run's: resume "
+                         "with the flags and data it was trained with")
+    return ref_logps
 
 
 def collate(rows: list[dict], pad_id: int, parts: Optional[tuple[str, ...]] = None) -> dict:

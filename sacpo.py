@@ -48,6 +48,7 @@ import atexit
 import contextlib
 import functools
 import gc
+import hashlib
 import json
 import math
 import os
@@ -99,8 +100,7 @@ class Args:
     beta: float = 1.0
     """beta of Eq. 9: the KL penalty toward pi_ref (the toy world's 1; the paper's 0.1)"""
     lambda_: float = 0.72
-    """lambda: the safety score's weight; the safety stage runs DPO at beta / lambda (the toy world's choice:
-    docs/sacpo.md; the paper's beta / lambda grid is 0.01-0.1 at beta 0.1)"""
+    """lambda: the safety score's weight; the safety stage runs DPO at beta / lambda (the toy world's: docs/sacpo.md)"""
     order: Literal["reward_first", "safety_first"] = "reward_first"
     """which stage runs first; both orders have the same optimum"""
     merge: tuple[float, ...] = ()
@@ -324,14 +324,14 @@ def train(args: Args) -> dict:
                          for split, rows in (("train", train_rows), ("eval", eval_rows))}
             ref_model = None
             release_memory(runtime.device)
+        ref_logps = of_these_rows(ref_logps, train_rows, eval_rows)  # a resumed run's must be of these rows
 
         def batch_losses(batch: dict, split: str, n: int) -> tuple[torch.Tensor, dict]:
             """Losses of one batch, and the step metrics of its n real rows (of its stand-in if n = 0)."""
             with runtime.autocast():
                 chosen, rejected = policy(pair_logps, batch)
             ref_chosen, ref_rejected = ref_pair_logps(ref_model, ref_logps, batch, split, runtime)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                                stage.beta)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, stage.beta)
             real = slice(max(n, 1))  # a rank with no real row reports its stand-in, weighted 0
             return losses, pair_metrics(split, *(x[real] for x in (losses, chosen, rejected, chosen_rewards,
                                                                     rejected_rewards)))
@@ -1019,6 +1019,28 @@ def precompute_ref_logps(ref_model, rows: list[dict], batch_size: int, pad_id: i
     if runtime.world > 1:
         dist.all_reduce(out)  # each row was computed on one rank, and is 0 on the others
     return out.cpu()
+
+
+def rows_fingerprint(*splits: list[dict]) -> str:
+    """A digest of the splits' rows (token ids, positions, labels): the same for the same rows in the same order."""
+    digest = hashlib.sha256()
+    for rows in splits:
+        for row in rows:
+            digest.update(repr(sorted(row.items())).encode())
+    return digest.hexdigest()
+
+
+def of_these_rows(ref_logps: Optional[dict], train_rows: list[dict], eval_rows: list[dict]) -> Optional[dict]:
+    """Precomputed reference log-probs, which are looked up by row, marked with the digest of the rows they are of. A
+    resumed run's saved ones must be of its own rows: another dataset, --seed or --max_length gives other rows, each
+    of which would get another's values. A checkpoint saved before the digest was kept is taken as it is."""
+    if ref_logps is None:
+        return None
+    rows = rows_fingerprint(train_rows, eval_rows)
+    if ref_logps.setdefault("rows", rows) != rows:
+        raise UsageError("the checkpoint's precomputed reference log-probs are of other rows than this run's: resume "
+                         "with the flags and data it was trained with")
+    return ref_logps
 
 
 def collate(rows: list[dict], pad_id: int, parts: Optional[tuple[str, ...]] = None) -> dict:

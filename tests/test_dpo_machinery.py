@@ -347,6 +347,17 @@ def test_resume_replays_the_run_exactly(train_run, monkeypatch, capsys, config):
     assert_same_metrics(full.metrics, resumed.metrics)
 
 
+def test_resuming_on_other_rows_with_saved_reference_log_probs_is_refused(train_run, capsys):
+    """A checkpoint's reference log-probs are looked up by row. A run resumed on other rows (the same data cut to
+    another --max_length here; another dataset or a held-out split under another --seed alike) gave each row another
+    row's values, without a word. It is refused. The same rows resume (test_resume_replays_the_run_exactly)."""
+    checkpoint = train_run(precompute_ref_logps=True).out / "checkpoint-3"
+    with pytest.raises(dpo.UsageError, match="reference log-probs are of other rows than this run's"):
+        train_run(fresh=True, precompute_ref_logps=True, resume_from=str(checkpoint), max_length=6, max_prompt_length=3)
+    out = capsys.readouterr().out
+    assert "truncated to 6 tokens" in out and " 0 truncated to 6 tokens" not in out  # the rows did change
+
+
 @pytest.mark.parametrize("corrupt, bad_call, last_good", [("loss", 5, 3), ("gradient", 5, 3), ("loss", 1, None)])
 def test_non_finite_step_stops_and_names_the_last_checkpoint(train_run, monkeypatch, tmp_path, corrupt, bad_call,
                                                              last_good):

@@ -40,8 +40,9 @@ MAX_DISTRIBUTION_LINES = 10
 # the pairwise scripts against dpo.py (issue 16, item 3): the most changed lines (removed + added, as `diff` counts
 # them) in the whole file, and in train(). The target is 60 and 10. fdpo.py's f' for four divergences with their
 # numerics, and slic_hf.py's target y_ref (its column, tokenization and truncation) with no reference model, are over
-# it in the whole file; their figures are as measured, so that the files do not drift further apart.
-PAIRWISE = {"ipo.py": (60, 10), "fdpo.py": (99, 10), "slic_hf.py": (298, 36)}
+# it in the whole file; their figures are as measured, so that the files do not drift further apart. slic_hf.py's
+# grow with dpo.py's reference-only code, which it lacks (the check of a resumed run's saved reference log-probs: 24).
+PAIRWISE = {"ipo.py": (60, 10), "fdpo.py": (99, 10), "slic_hf.py": (322, 37)}
 
 
 @functools.cache
