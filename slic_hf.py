@@ -854,7 +854,9 @@ class TrainBatches:
             if epoch not in self.orders:
                 self.orders[epoch] = batch_order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
                                                  self.group_by_length)
-            micro_batches.append(([self.rows[j] for j in self.orders[epoch][i]], epoch + i / self.batches_per_epoch))
+            # the epochs trained once it is done, as HF's Trainer counts them: 1.0 after the first epoch's last
+            micro_batches.append(([self.rows[j] for j in self.orders[epoch][i]],
+                                  epoch + (i + 1) / self.batches_per_epoch))
         step_rows = sum(len(rows) for rows, _ in micro_batches)  # real rows of the step over all ranks
         for m, (rows, epoch) in enumerate(micro_batches):
             share, n = rank_share(rows, self.runtime.rank, self.runtime.world)

@@ -185,6 +185,15 @@ def test_every_micro_batch_of_every_epoch_is_trained_on(batch_size, accumulation
     assert batches.total_steps == math.ceil(math.ceil(40 / batch_size) * epochs / accumulation)
 
 
+def test_the_logged_epoch_counts_the_micro_batches_trained():
+    """train/epoch is the number of epochs trained when the step ends: 40 rows in micro-batches of 8 make 5 an epoch,
+    and steps of 2 micro-batches end at 0.4, 0.8, then 1.2 (the third runs across the epoch's end), 1.6 and 2.0. It
+    was where each step's last micro-batch starts (0.2, 0.6, 1.0, 1.4, 1.8): one micro-batch behind."""
+    batches = batches_for(40, 8, 2, epochs=2)
+    logged = [[micro.epoch for micro in batches.of_step(step)][-1] for step in range(batches.total_steps)]
+    assert logged == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
+
+
 # --------------------------------------------------------------------------- defect 7 (offline half): the turn's end
 def gemma_like_tokenizer():
     """A word-level tokenizer whose chat template closes each turn with its own special token, <end_of_turn>, which is
