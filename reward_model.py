@@ -10,14 +10,14 @@ Objective (Eq. 1): a scalar head r_phi(x, y) on a language model, trained under 
 Only differences of r within a prompt enter the loss: its population minimiser is r_phi = r + c(x), for any c(x).
 
 Deviations and options
-- Data are pairs, each its own example; InstructGPT puts all C(K, 2) comparisons of a prompt's K answers in one batch
-  element (hence the 1/C(K, 2) in Eq. 1).
+- Data are pairs, each its own example (InstructGPT puts a prompt's C(K, 2) comparisons in one batch element).
 - The model is `AutoModelForSequenceClassification` with one output, started from `--model_name_or_path` (usually the
   SFT model). A causal-LM checkpoint loads with its LM head dropped and a new `score` head drawn from `--seed`.
 - The score is read where the model's own forward reads it: the last token that is not `config.pad_token_id`, the
-  response's `<eos>` (or the token before it where pad and eos are one token). So the saved model, called as
-  `model(**inputs).logits[:, 0]`, gives the scores that were trained. A tokenizer without a pad token pads with
-  `<eos>`, and the saved config and tokenizer say so. A truncated response is scored at its last kept token.
+  response's `<eos>` or turn end (the token before it where pad and eos are one). `model(**inputs).logits[:, 0]`
+  gives the trained scores on text that ends there: cut what a chat template writes after it (Qwen's newline).
+  A tokenizer without a pad token pads with `<eos>`, as the saved config and tokenizer say. A truncated response is
+  scored at its last kept token.
 - The scores are not normalised after training (InstructGPT adds a bias so that labeller demonstrations average 0).
   `--center_rewards_coef c` adds c (r_w + r_l)^2 to each pair's loss instead (Eisenstein et al. 2023,
   arXiv:2312.09244; TRL's center_rewards_coefficient), which pulls the mean score toward 0.
