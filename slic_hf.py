@@ -854,7 +854,7 @@ class TrainBatches:
             if epoch not in self.orders:
                 self.orders[epoch] = batch_order(self.rows, self.batch_size, self.seed, self.epoch_offset + epoch,
                                                  self.group_by_length)
-            # the epochs trained once it is done, as HF's Trainer counts them: 1.0 after the first epoch's last
+            # epochs trained once this micro-batch is done (1.0 after the first epoch's last), as HF's Trainer counts
             micro_batches.append(([self.rows[j] for j in self.orders[epoch][i]],
                                   epoch + (i + 1) / self.batches_per_epoch))
         step_rows = sum(len(rows) for rows, _ in micro_batches)  # real rows of the step over all ranks
