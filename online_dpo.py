@@ -709,11 +709,23 @@ class AdapterOff:
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a response: the tokenizer's eos, and each id in the model's generation_config.eos_token_id
-    (an int or a list), where chat models list the end of their turn (Gemma's <end_of_turn>, Qwen's <|im_end|>)."""
+    """Every id that ends a response: the tokenizer's eos, each id in the model's generation_config.eos_token_id (an
+    int or a list), where chat models list the end of their turn (Gemma's <end_of_turn>, Qwen's <|im_end|>), and the
+    special tokens its chat template closes an answer with (a base model's SFT copy may list none of them)."""
     listed = getattr(unwrap(model).generation_config, "eos_token_id", None)
     listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
-    return sorted({tokenizer.eos_token_id, *listed})
+    return sorted({tokenizer.eos_token_id, *listed, *turn_end_ids(tokenizer)})
+
+
+def turn_end_ids(tokenizer) -> set[int]:
+    """The special tokens a chat template writes after an assistant's answer; none without a template."""
+    if tokenizer.chat_template is None:
+        return set()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex("hi") + 2 :], add_special_tokens=False)["input_ids"]
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return set(after) & (set(tokenizer.all_special_ids) | added)
 
 
 def load_training_state(resume_from: Optional[str], path: str) -> Optional[dict]:

@@ -92,6 +92,21 @@ def test_eos_token_ids_read_the_generation_config(turn_end_dirs, script):
         assert script.eos_token_ids(script.Forward(model), turn_end_dirs.tokenizer) == want
 
 
+@pytest.mark.parametrize("script", [ppo, spin])
+def test_eos_token_ids_add_the_turn_end_of_the_chat_template(turn_end_dirs, script):
+    """A model whose generation_config lists no turn end (a base model's SFT copy with a chat template whose answers
+    end with a special token that is not eos, as ChatML's <|im_end|> is not Qwen base's eos) ran its generations past
+    the answer's end into turns it invented. The token the template closes an answer with now ends a response too."""
+    tokenizer = AutoTokenizer.from_pretrained(turn_end_dirs.model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} <end_of_turn>\n{% endfor %}"
+    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") == END_OF_TURN
+    model = AutoModelForCausalLM.from_pretrained(turn_end_dirs.model)
+    model.generation_config.eos_token_id = None
+    assert script.eos_token_ids(script.Forward(model), tokenizer) == [EOS, END_OF_TURN]
+    assert script.eos_token_ids(script.Forward(model), turn_end_dirs.tokenizer) == [EOS]  # no template, no turn end
+
+
 def test_truncation_treats_every_eos_id_as_the_end():
     sampled = torch.tensor([[5, 2, 6, 1], [5, 6, 1, 2], [5, 6, 7, 8], [2, 1, 2, 1]])
     responses, mask, has_eos = ppo.truncate_after_eos(sampled, [EOS, END_OF_TURN], 0)
