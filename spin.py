@@ -21,8 +21,7 @@ Deviations and options
   `--no-previous_iteration_data` uses only t's. The toy world's default beta is 1; the paper's is 0.1.
 - A generation cut at --max_new_tokens without <eos> is kept (its log-prob is the prefix's), and so is one equal to
   the real answer (h = 0, no gradient, as in the population loss); both are counted each iteration.
-- Generation samples at --temperature 1 with no top-p, so that y' ~ pi_t: any other temperature moves the fixed point
-  away from p_data. SPIN's official generation uses temperature 0.8 and top-p 0.95.
+- Generation samples at --temperature 1 with no top-p (the official code's): y' ~ pi_t, so p_data is the fixed point.
 - Data: prompt/completion columns (strings, or message lists), or `messages` ending with the answer. output_dir/
   iteration-k holds pi_k and its pairs (generated.jsonl); `--resume_from output_dir/iteration-k` continues from it.
 
@@ -56,7 +55,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 from typing import Literal, Optional
 
@@ -170,6 +169,8 @@ class Args:
         if not 0 < self.max_prompt_length < self.max_length:  # 0 would keep the whole prompt: ids[-0:] == ids
             raise UsageError(f"max_prompt_length ({self.max_prompt_length}) must be positive and below max_length "
                              f"({self.max_length}) to leave room for a response")
+        if self.temperature <= 0 or self.max_new_tokens < 1:
+            raise UsageError("SPIN samples its opponent's answers: temperature must be > 0 and max_new_tokens >= 1")
         if self.max_prompt_length + self.max_new_tokens > self.max_length:  # a generation follows a cut prompt
             raise UsageError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
                              f"must not exceed max_length ({self.max_length})")
@@ -1296,7 +1297,9 @@ def save_iteration(path: str, model, tokenizer, args, pairs: list[dict], next_it
         with open(os.path.join(directory, "spin_state.json"), "w") as f:
             json.dump({"next_iteration": next_iteration}, f)
 
-    save(path, model, tokenizer, args, also=write_pairs)  # written whole, then moved into place
+    # written whole, then moved into place; --merge_lora's merged copy is the final model's only (each is the size of
+    # the base in float32)
+    save(path, model, tokenizer, replace(args, merge_lora=False), also=write_pairs)
 
 
 def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=None) -> None:

@@ -84,3 +84,11 @@ def test_a_generation_after_a_cut_prompt_must_fit_in_max_length():
     spin.Args(max_length=9, max_prompt_length=4, max_new_tokens=5)
     with pytest.raises(ValueError, match=r"max_prompt_length \(4\) \+ max_new_tokens \(6\) must not exceed"):
         spin.Args(max_length=9, max_prompt_length=4, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("flags", [dict(temperature=0.0), dict(temperature=-1.0), dict(max_new_tokens=0)])
+def test_sampling_flags_that_cannot_sample_are_refused(flags):
+    """--temperature 0 divided the logits by 0: every generation came out as one token repeated, trained on without a
+    word; --max_new_tokens 0 failed inside generation with an IndexError. Both now stop the run, naming the flags."""
+    with pytest.raises(spin.UsageError, match="temperature must be > 0 and max_new_tokens >= 1"):
+        spin.Args(**flags)

@@ -240,3 +240,18 @@ def test_track_logs_metrics_and_sample_generations_to_wandb_offline(train_run, t
     wandb_offline_log(tmp_path, ("train/rewards/real", "train/iteration", "eval/rewards/margin", "generation/identical",
                                  "previous_iteration_data"),
                       files=("wandb/offline-run-*/files/media/table/generation/samples_*.table.json",))
+
+
+def test_merge_lora_writes_the_final_models_merged_copy_only(train_run):
+    """With --lora_r --merge_lora every iteration directory also got a merged float32 copy of the base, T + 1 copies in
+    all (28 GB each for a 7B model). Only output_dir/merged is written now, and it holds the final adapter merged: the
+    same log-probs as the adapter itself."""
+    run = train_run(lora_r=8, merge_lora=True, learning_rate=3e-3)
+    assert (run.out / "merged" / "model.safetensors").is_file()
+    assert not any((run.out / f"iteration-{k}" / "merged").exists() for k in (1, 2))
+    assert (run.out / "iteration-2" / "adapter_model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(run.out)
+    prompt, answer = toy_chat_ids("how was the food ?", "great food")
+    adapter, merged = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (run.out, run.out / "merged"))
+    assert tokenizer.eos_token_id == answer[-1]
+    assert direct_logp(merged, prompt, answer) == pytest.approx(direct_logp(adapter, prompt, answer), abs=1e-5)
