@@ -1110,11 +1110,20 @@ def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=N
 
 def publish(staging: str, path: str) -> None:
     """Move a completely written directory to `path`: renamed whole (atomic) where path is new, as a checkpoint is;
-    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic."""
+    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic. There
+    a model an earlier run left (a LoRA adapter beside full weights, a stale merged/ copy) goes first: it would be read
+    in place of this one."""
     if not os.path.isdir(path):
         os.rename(staging, path)
         return
-    for name in os.listdir(staging):
+    written = set(os.listdir(staging))
+    for name in set(os.listdir(path)) - written:
+        stale = name in ("config.json", "generation_config.json", CLASSIFIER_CONFIG, "merged", "value_model") or (
+            name.startswith(("adapter_", "model")) and name.endswith((".safetensors", ".json")))
+        if stale:
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    for name in written:
         target = os.path.join(path, name)
         if os.path.isdir(target):
             shutil.rmtree(target)

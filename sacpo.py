@@ -254,9 +254,9 @@ def from_two_responses(data, preference: str, name: str, chat: bool):
     if missing:
         raise UsageError(f"dataset {name!r} has response_0 but no column {missing[0]!r}: the {preference} stage reads "
                          f"prompt, response_0, response_1 and {label} (columns: {sorted(data.column_names)})")
-    bad = sorted({str(v) for v in data[label] if v not in (0, 1)})
+    bad = sorted({repr(v) for v in data[label] if v not in (0, 1)})
     if bad:
-        raise UsageError(f"dataset {name!r}: column {label!r} should hold 0 or 1, found {bad[:5]}")
+        raise UsageError(f"dataset {name!r}: column {label!r} should hold 0 or 1, found {', '.join(bad[:5])}")
 
     def pair(row: dict) -> dict:
         chosen, rejected = row[f"response_{int(row[label])}"], row[f"response_{1 - int(row[label])}"]
@@ -271,9 +271,9 @@ def from_two_responses(data, preference: str, name: str, chat: bool):
     return data.map(pair, remove_columns=data.column_names, desc=f"{preference} pairs")
 
 
-def saved_model(stage: Stage, args: Args) -> str:
-    """A finished stage's model as a plain model directory: its merged/ copy with --lora_r."""
-    return os.path.join(stage.output_dir, "merged") if args.lora_r else stage.output_dir
+def saved_model(stage: Stage) -> str:
+    """A finished stage's model as a plain model directory: its merged/ copy where it holds a LoRA adapter."""
+    return os.path.join(stage.output_dir, "merged") if saved_adapter(stage.output_dir) is not None else stage.output_dir
 
 
 def save_interpolation(first: str, second: str, q: float, path: str) -> None:
@@ -299,7 +299,7 @@ def train(args: Args) -> dict:
         # ---- this stage's run: stage 1 starts from the policy given; stage 2 from stage 1's result, its reference
         run = replace(args, output_dir=stage.output_dir, resume_from=resume_from if k == first else None)
         if k == 1:
-            run = replace(run, model_name_or_path=saved_model(stages[0], args), ref_model_name_or_path=None)
+            run = replace(run, model_name_or_path=saved_model(stages[0]), ref_model_name_or_path=None)
         if run.resume_from is None:  # trained anew: this stage's and later stages' finished marks are stale
             mark_stages(stages[k:], None, runtime)
         print(f"stage {k + 1} of 2: DPO on {stage.preference} preferences ({stage.dataset}) at beta {stage.beta:.4g}, "
@@ -391,7 +391,7 @@ def train(args: Args) -> dict:
     # ---- P-SACPO: the two stages' weights interpolated, for other trade-offs without training again
     if runtime.rank == 0:
         for q in args.merge:
-            save_interpolation(saved_model(stages[0], args), saved_model(stages[1], args), q,
+            save_interpolation(saved_model(stages[0]), saved_model(stages[1]), q,
                                os.path.join(args.output_dir, f"merged-q{q}"))
     if tracker is not None:
         tracker.finish()
@@ -1406,11 +1406,20 @@ def save(path: str, model, tokenizer, args, state: Optional[dict] = None, also=N
 
 def publish(staging: str, path: str) -> None:
     """Move a completely written directory to `path`: renamed whole (atomic) where path is new, as a checkpoint is;
-    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic."""
+    into an existing path (the final output_dir, which holds the checkpoints) file by file, each rename atomic. There
+    a model an earlier run left (a LoRA adapter beside full weights, a stale merged/ copy) goes first: it would be read
+    in place of this one."""
     if not os.path.isdir(path):
         os.rename(staging, path)
         return
-    for name in os.listdir(staging):
+    written = set(os.listdir(staging))
+    for name in set(os.listdir(path)) - written:
+        stale = name in ("config.json", "generation_config.json", CLASSIFIER_CONFIG, "merged", "value_model") or (
+            name.startswith(("adapter_", "model")) and name.endswith((".safetensors", ".json")))
+        if stale:
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    for name in written:
         target = os.path.join(path, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
@@ -1483,6 +1492,10 @@ def resume_point(resume_from: Optional[str], stages: list[Stage]) -> tuple[int, 
             checkpoint = latest_checkpoint(stages[1].output_dir) if k == 0 else None
             if checkpoint:
                 check_stage(checkpoint, 1, stages[1])
+                stage_1 = os.path.join(stages[0].output_dir, "sacpo_stage.json")
+                if os.path.getmtime(checkpoint) < os.path.getmtime(stage_1):  # trained against another stage 1
+                    raise UsageError(f"{checkpoint} was written before stage 1 finished: an earlier run's stage 2, "
+                                     "trained against another stage 1. Remove it, or use another output_dir")
             return k + 1, checkpoint
     checkpoint = latest_checkpoint(stages[0].output_dir)
     if checkpoint:

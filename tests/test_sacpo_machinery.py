@@ -135,9 +135,14 @@ def test_latest_finds_the_stage_to_continue(tmp_path, capsys):
     assert sacpo.resume_point(None, stages) == (0, None)
     assert sacpo.resume_point("latest", stages) == (0, None)  # nothing yet: a new run
     first = checkpoint(tmp_path / "reward" / "checkpoint-3")
-    second = checkpoint(tmp_path / "checkpoint-6")  # stage 2's, but stage 1 has not finished
+    second = checkpoint(tmp_path / "checkpoint-6")  # stage 2's, but stage 1 has not finished: an earlier run's
     assert sacpo.resume_point("latest", stages) == (0, first)
     finish(0)
+    # it was resumed against the new stage 1, without a word: an earlier run's stage 2 is now refused
+    with pytest.raises(sacpo.UsageError, match="checkpoint-6 was written before stage 1 finished: an earlier run's"):
+        sacpo.resume_point("latest", stages)
+    finished_at = os.path.getmtime(Path(stages[0].output_dir) / "sacpo_stage.json")
+    os.utime(second, (finished_at + 1, finished_at + 1))  # written after stage 1 finished, as this run's stage 2 is
     assert sacpo.resume_point("latest", stages) == (1, second)
     assert sacpo.resume_point(second, stages) == (1, second)
     finish(1)
@@ -170,6 +175,15 @@ def test_what_was_trained_otherwise_is_not_reused(tmp_path):
         sacpo.resume_point("latest", changed)
 
 
+def test_a_finished_stage_is_read_as_it_was_saved(tmp_path):
+    """A stage saved as a LoRA adapter is read from its merged/ copy, whatever this run's --lora_r: a merge-only rerun
+    (--resume_from latest --merge q) without --lora_r read the adapter directory as a plain model and failed."""
+    stage = sacpo.Stage("reward", "toy_world/pairs", 1.0, str(tmp_path))
+    assert sacpo.saved_model(stage) == str(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert sacpo.saved_model(stage) == str(tmp_path / "merged")
+
+
 PKU_ROW = {"prompt": P, "response_0": "great food", "response_1": "good food", "better_response_id": 0,
            "safer_response_id": 1, "is_response_0_safe": True, "is_response_1_safe": True}
 
@@ -191,8 +205,9 @@ def test_pku_saferlhf_rows(tmp_path, toy_tokenizer, preference, chosen, rejected
 
 
 @pytest.mark.parametrize("row, match", [
-    (PKU_ROW | {"safer_response_id": 2}, r"column 'safer_response_id' should hold 0 or 1, found \['2'\]"),
-    (PKU_ROW | {"safer_response_id": None}, r"column 'safer_response_id' should hold 0 or 1, found \['None'\]"),
+    (PKU_ROW | {"safer_response_id": 2}, r"column 'safer_response_id' should hold 0 or 1, found 2$"),
+    (PKU_ROW | {"safer_response_id": None}, r"column 'safer_response_id' should hold 0 or 1, found None$"),
+    (PKU_ROW | {"safer_response_id": "1"}, r"column 'safer_response_id' should hold 0 or 1, found '1'$"),  # a string
     ({k: v for k, v in PKU_ROW.items() if k != "response_1"}, r"has response_0 but no column 'response_1'"),
 ])
 def test_bad_pku_rows_are_named(row, match):

@@ -354,3 +354,23 @@ def test_bad_data_stops_with_the_message_alone(script, tmp_path):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert any(line.startswith("error: dataset") and "no column 'rejected'" in line for line in run.stderr.splitlines())
+
+
+def test_publishing_into_a_used_directory_removes_the_model_an_earlier_run_left(tmp_path):
+    """The final output_dir is reused (it holds the checkpoints), and its files were replaced one by one, so a model
+    another run left stayed beside the new one: after a full run, a LoRA run's adapter sat next to the old config.json
+    and weights, and a stale merged/ copy outlived the run that made it. Such files now go first; checkpoints and
+    other files stay."""
+    path, staging = tmp_path / "out", tmp_path / "out.tmp"
+    for name in ("config.json", "generation_config.json", "model.safetensors", "merged/model.safetensors",
+                 "checkpoint-3/model.safetensors", "notes.txt", "tokenizer.json"):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("old")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_text("new")
+    dpo.publish(str(staging), str(path))
+    assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()) == [
+        "adapter_config.json", "adapter_model.safetensors", "checkpoint-3/model.safetensors", "notes.txt",
+        "tokenizer.json"]
+    assert (path / "tokenizer.json").read_text() == "new" and not staging.exists()
